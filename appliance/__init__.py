@@ -1,0 +1,3 @@
+"""Supervisor daemon for talking-avatar kiosks."""
+
+__version__ = "0.1.0"
