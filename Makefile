@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh Debian 12 machine:
+#   make run    set up, then run the appliance on its embedded defaults (dev server, reference avatar)
+#   make test   set up, then run the whole test suite (includes ruff and mypy)
+# Others: make demo (record the avatar speaking to demo.mp4), make bench, make config.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := python3-venv python3-dev gcc pkg-config portaudio19-dev libsystemd-dev \
+                espeak-ng sox iproute2 systemd
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup run demo test bench config clean
+
+setup: $(VENV)/.installed
+
+# Debian packages: only those missing are installed (needs root or sudo).
+.apt-stamp:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml .apt-stamp
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+run: setup
+	$(VENV)/bin/appliance run --dev
+
+demo: setup
+	$(VENV)/bin/appliance demo --out demo.mp4
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m appliance.bench
+
+config: setup
+	$(VENV)/bin/appliance config defaults > config/appliance.toml
+
+clean:
+	rm -rf $(VENV) .apt-stamp .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""Command line: ``appliance run|check|dev|demo|config``.
+
+Exit codes (the only place they are decided):
+    0  success
+    1  runtime failure (the daemon could not start at all)
+    2  usage error (argparse)
+    3  the configuration is invalid (every problem is printed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from appliance import __version__
+from appliance.config import Config, ConfigError, load_config, render_default_toml
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
+
+ETC_CONFIG = Path("/etc/appliance/appliance.toml")
+ETC_DROPINS = Path("/etc/appliance/appliance.d")
+
+log = logging.getLogger("appliance")
+
+
+def config_paths(explicit: list[str] | None) -> list[Path]:
+    """The TOML layers, lowest priority first (the packaged defaults are implicit)."""
+    if explicit:
+        return [Path(p) for p in explicit]
+    paths = [ETC_CONFIG] if ETC_CONFIG.exists() else []
+    if ETC_DROPINS.is_dir():
+        paths += sorted(ETC_DROPINS.glob("*.toml"))
+    return paths
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # the SDKs are chatty at INFO; their warnings still show
+    for noisy in ("livekit", "livekit.agents", "aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_paths(args.config))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    paths = config_paths(args.config)
+    try:
+        load_config(paths)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); nothing was changed", file=sys.stderr)
+        return EXIT_CONFIG
+    shown = ", ".join(str(p) for p in paths) or "built-in defaults"
+    print(f"ok: {shown}")
+    return EXIT_OK
+
+
+def _run_until_signal(config: Config, *, dev: bool) -> int:
+    from appliance.supervisor import Supervisor
+
+    async def main() -> None:
+        server = None
+        nonlocal config
+        if dev:
+            from appliance.dev import start_dev_server
+
+            server, config = await start_dev_server(config)
+        supervisor = Supervisor(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, supervisor.request_stop)
+        if dev:
+            print(
+                f"\nappliance: dev server on {config.livekit.url}, room {config.livekit.room!r}.\n"
+                "  To see and hear the avatar speak: `make demo` in another terminal\n"
+                "  (writes demo.mp4). Stop with Ctrl-C.\n",
+                file=sys.stderr,
+            )
+        try:
+            await supervisor.run()
+        finally:
+            if server is not None:
+                await server.stop()
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        return EXIT_CONFIG
+    return _run_until_signal(config, dev=args.dev)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    from appliance.demo import run_demo
+
+    return run_demo(out=Path(args.out), seconds=args.seconds, text=args.text)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "defaults":
+        sys.stdout.write(render_default_toml())
+        return EXIT_OK
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    from appliance.config import describe
+
+    sys.stdout.write(describe(config))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance",
+        description="Avatar kiosk supervisor: keeps a talking avatar live in a LiveKit room.",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 invalid configuration",
+    )
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", action="append", metavar="FILE",
+            help="TOML file (repeat to layer; default: /etc/appliance/appliance.toml + appliance.d/*.toml)",
+        )
+
+    run = sub.add_parser("run", help="run the daemon in the foreground, logging to stderr")
+    with_config(run)
+    run.add_argument("--dev", action="store_true",
+                     help="also start the built-in development LiveKit server and join it")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate the configuration; exit 0 if usable, 3 if not")
+    with_config(check)
+    check.set_defaults(func=cmd_check)
+
+    config = sub.add_parser("config", help="show the effective configuration or the defaults")
+    config.add_argument("action", choices=["show", "defaults"])
+    with_config(config)
+    config.set_defaults(func=cmd_config)
+
+    demo = sub.add_parser(
+        "demo", help="join the dev server as an agent, make the kiosk speak, record an MP4"
+    )
+    demo.add_argument("--out", default="demo.mp4", help="MP4 file to write (default demo.mp4)")
+    demo.add_argument("--seconds", type=float, default=8.0, help="how long to record")
+    demo.add_argument("--text", default="Hello! Welcome to the museum. I am your avatar guide.",
+                      help="sentence to speak (needs espeak-ng; a bundled WAV is used otherwise)")
+    demo.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = int(args.func(args))
+    if args.command in ("run", "demo"):
+        # The livekit native runtime can abort while the interpreter exits after
+        # disconnect(); everything is closed by now, so leave without that risk.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

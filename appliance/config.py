@@ -1,0 +1,421 @@
+"""The appliance's configuration: one schema, TOML layers, one frozen Config.
+
+Every setting is declared exactly once, as a field of a section dataclass
+below with ``setting(...)``: its type, default, unit (in the name: ``_s``,
+``_ms``, ``_mb``), range and help. Validation, ``config/appliance.toml``,
+the README table and ``appliance config show`` are all derived from these
+declarations (``tests/test_config.py`` proves they agree).
+
+Errors are collected, never raised one by one: a file with three mistakes
+gets three lines, each ``path:line: [section] key: what is wrong — fix``.
+Secrets are never inline: ``*_file`` keys name a file (mode 0600) or a
+systemd credential, and the value is held in a ``Secret`` that never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Problem",
+    "Secret",
+    "SECTIONS",
+    "load_config",
+    "iter_settings",
+]
+
+
+class Secret:
+    """A secret value that never appears in repr, str, logs or exceptions."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source  # where it came from (a path), safe to show
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<redacted> from {self.source})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    reload: bool = True,
+    secret_file: bool = False,
+) -> Any:
+    """Declare one setting (a dataclass field with its documentation)."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "reload": reload,
+        "secret_file": secret_file,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class LiveKitSection:
+    url: str = setting("ws://127.0.0.1:7880", "LiveKit server URL (ws:// or wss://)")
+    room: str = setting("lobby", "room the kiosk joins")
+    identity: str = setting("kiosk", "the kiosk's participant identity in the room")
+    api_key: str = setting("", "API key for minting tokens locally (leave empty to use token_url)")
+    api_secret_file: str = setting(
+        "", "file holding the API secret (mode 0600), or a systemd credential name", secret_file=True
+    )
+    token_url: str = setting(
+        "", "URL that returns a join token (JSON {\"token\": ...}) instead of api_key/api_secret"
+    )
+    token_ttl_s: int = setting(3600, "lifetime of locally minted tokens", min=60, max=86400)
+    simulcast: bool = setting(
+        False, "publish simulcast layers (needs a server with RID support, e.g. livekit-server)"
+    )
+    max_bitrate_kbps: int = setting(1500, "video bitrate cap", min=100, max=20000)
+    connect_timeout_s: float = setting(10.0, "give up one connection attempt after this", min=1, max=120)
+    retry_max_s: float = setting(30.0, "longest wait between reconnection attempts", min=1, max=600)
+
+
+@dataclass(frozen=True)
+class AvatarSection:
+    runtime: str = setting(
+        "reference", "what renders the avatar", choices=("reference", "bithuman")
+    )
+    model: str = setting(
+        "", "model file (.imx for bithuman, .json for reference); empty = the bundled reference avatar"
+    )
+    api_secret_file: str = setting(
+        "", "file holding the bitHuman API secret (mode 0600)", secret_file=True
+    )
+    width: int = setting(512, "video width in pixels (reference runtime)", min=64, max=1920, reload=False)
+    height: int = setting(512, "video height in pixels (reference runtime)", min=64, max=1920, reload=False)
+    stall_timeout_s: float = setting(
+        2.0, "restart the renderer when no frame arrived for this long", min=0.5, max=120
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "livekit": LiveKitSection,
+    "avatar": AvatarSection,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    livekit: LiveKitSection = field(default_factory=LiveKitSection)
+    avatar: AvatarSection = field(default_factory=AvatarSection)
+    # secrets read from *_file settings, keyed "section.key" (without _file)
+    secrets: Mapping[str, Secret] = field(default_factory=dict)
+    # "section.key" -> where the value came from (a file path or "default")
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+    def secret(self, name: str) -> Secret | None:
+        return self.secrets.get(name)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration, phrased for an operator."""
+
+    path: str
+    line: int | None
+    key: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        key = f" {self.key}:" if self.key else ""
+        fix = f" — {self.fix}" if self.fix else ""
+        return f"{where}:{key} {self.message}{fix}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def iter_settings() -> Iterable[tuple[str, dataclasses.Field[Any]]]:
+    """(section name, field) for every declared setting, in declaration order."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield section, f
+
+
+def _type_name(t: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        t, str(t)
+    )
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """Best-effort line number of [section] / key in a TOML text (tomllib gives none)."""
+    lines = text.splitlines()
+    in_section = False
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            in_section = header.group(1) == section
+            if in_section and key is None:
+                return number
+            continue
+        if in_section and key is not None and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _check_value(
+    section: str, f: dataclasses.Field[Any], value: Any, path: str, text: str
+) -> tuple[Any, Problem | None]:
+    key = f"[{section}] {f.name}"
+    line = _line_of(text, section, f.name)
+    want = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        return None, Problem(
+            path, line, key, f"got {value!r}, expected {_type_name(want)}",
+            f"write e.g. {f.name} = {_toml_value(f.default)}",
+        )
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return None, Problem(
+            path, line, key, f"got {value!r}", f"{hint}allowed: {', '.join(meta['choices'])}"
+        )
+    low, high = meta["min"], meta["max"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        return None, Problem(
+            path, line, key, f"got {value!r}, out of range", f"use a value from {low} to {high}"
+        )
+    return value, None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _merge_layer(
+    merged: dict[str, dict[str, Any]],
+    origins: dict[str, str],
+    data: Mapping[str, Any],
+    path: str,
+    text: str,
+    problems: list[Problem],
+) -> None:
+    for section, body in data.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            fix = f"did you mean [{close[0]}]?" if close else f"sections: {', '.join(SECTIONS)}"
+            problems.append(Problem(path, _line_of(text, section, None), f"[{section}]", "unknown section", fix))
+            continue
+        if not isinstance(body, dict):
+            problems.append(Problem(path, None, section, "must be a [section] table", f"write [{section}]"))
+            continue
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in body.items():
+            f = fields.get(key)
+            if f is None:
+                close = difflib.get_close_matches(key, fields, n=1)
+                fix = f"did you mean `{close[0]}`?" if close else f"keys: {', '.join(fields)}"
+                problems.append(
+                    Problem(path, _line_of(text, section, key), f"[{section}] {key}", "unknown key", fix)
+                )
+                continue
+            checked, problem = _check_value(section, f, value, path, text)
+            if problem:
+                problems.append(problem)
+                continue
+            merged.setdefault(section, {})[key] = checked
+            origins[f"{section}.{key}"] = path
+
+
+def _credentials_dir() -> Path | None:
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(directory) if directory else None
+
+
+def read_secret_file(reference: str, key: str, origin: str) -> tuple[Secret | None, Problem | None]:
+    """Read a secret from a file path, or from a systemd credential of that name."""
+    candidate = Path(reference)
+    creds = _credentials_dir()
+    if not candidate.is_absolute() and "/" not in reference and creds is not None:
+        candidate = creds / reference
+    try:
+        st = candidate.stat()
+    except FileNotFoundError:
+        return None, Problem(origin, None, key, f"secret file {candidate} does not exist",
+                             f"create it with the secret and `chmod 600 {candidate}`")
+    except PermissionError:
+        return None, Problem(origin, None, key, f"secret file {candidate} is not readable by this user",
+                             f"`chown appliance {candidate}` or use systemd LoadCredential=")
+    # systemd credentials live on a private, read-only mount: their mode is the service's business
+    in_creds = creds is not None and candidate.parent == creds
+    if not in_creds and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return None, Problem(origin, None, key,
+                             f"secret file {candidate} is readable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
+                             f"`chmod 600 {candidate}`")
+    try:
+        value = candidate.read_text().strip()
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+        return None, Problem(origin, None, key, f"cannot read secret file {candidate}: {type(exc).__name__}",
+                             "make it a readable text file holding only the secret")
+    if not value:
+        return None, Problem(origin, None, key, f"secret file {candidate} is empty", "write the secret into it")
+    return Secret(value, str(candidate)), None
+
+
+def parse_layers(layers: list[tuple[str, str]]) -> Config:
+    """Build a Config from (path, text) TOML layers, lowest priority first.
+
+    Raises ConfigError listing every problem in every layer.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
+    problems: list[Problem] = []
+    for path, text in layers:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            line = getattr(exc, "lineno", None)
+            match = re.search(r"line (\d+), column (\d+)", str(exc))
+            if match:
+                line = int(match.group(1))
+            problems.append(Problem(path, line, "", f"TOML syntax error: {exc}",
+                                    "fix the line (strings need quotes, tables need [brackets])"))
+            continue
+        _merge_layer(merged, origins, data, path, text, problems)
+
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        sections[name] = cls(**merged.get(name, {}))
+
+    secrets: dict[str, Secret] = {}
+    for section, f in iter_settings():
+        if not f.metadata["secret_file"]:
+            continue
+        reference = getattr(sections[section], f.name)
+        if not reference:
+            continue
+        origin = origins.get(f"{section}.{f.name}", "default")
+        secret, problem = read_secret_file(reference, f"[{section}] {f.name}", origin)
+        if problem:
+            problems.append(problem)
+        elif secret:
+            secrets[f"{section}.{f.name.removesuffix('_file')}"] = secret
+
+    problems.extend(_cross_checks(sections, origins))
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections, secrets=secrets, origins=origins)
+
+
+def _cross_checks(sections: Mapping[str, Any], origins: Mapping[str, str]) -> list[Problem]:
+    problems = []
+    lk: LiveKitSection = sections["livekit"]
+    where = origins.get("livekit.url", "default")
+    if not re.match(r"^wss?://", lk.url):
+        problems.append(Problem(where, None, "[livekit] url", f"got {lk.url!r}",
+                                "use ws://host:7880 or wss://host"))
+    if lk.api_key and lk.token_url:
+        problems.append(Problem(origins.get("livekit.token_url", "default"), None, "[livekit] token_url",
+                                "both api_key and token_url are set", "keep only one of them"))
+    if lk.api_key and not lk.api_secret_file:
+        problems.append(Problem(origins.get("livekit.api_key", "default"), None, "[livekit] api_secret_file",
+                                "api_key is set but no secret file", "set api_secret_file to a file holding the secret"))
+    return problems
+
+
+def load_config(paths: list[Path]) -> Config:
+    """Read the TOML files (lowest priority first) and build the Config."""
+    layers: list[tuple[str, str]] = []
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            layers.append((str(path), path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            problems.append(Problem(str(path), None, "", "file does not exist", "check the path"))
+        except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+            problems.append(Problem(str(path), None, "", f"cannot read: {type(exc).__name__}",
+                                    "make it a readable UTF-8 text file"))
+    if problems:
+        raise ConfigError(problems)
+    return parse_layers(layers)
+
+
+def render_default_toml() -> str:
+    """The documented default file, every key present and commented (config/appliance.toml)."""
+    out = [
+        "# Avatar kiosk appliance configuration.",
+        "# Every setting is shown with its default. Edit on the kiosk at /etc/appliance/appliance.toml,",
+        "# or before first boot at /boot/firmware/appliance.toml. Secrets never go here: *_file keys",
+        "# name a file (chmod 600) or a systemd credential.",
+        "# Generated from appliance/config.py: `appliance config defaults > config/appliance.toml`.",
+    ]
+    for section, cls in SECTIONS.items():
+        out.append("")
+        out.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            extra = []
+            if meta["choices"]:
+                extra.append("one of: " + ", ".join(meta["choices"]))
+            if meta["min"] is not None:
+                extra.append(f"range {meta['min']}..{meta['max']}")
+            if not meta["reload"]:
+                extra.append("takes effect on restart")
+            out.append(f"# {meta['help']}" + (f" ({'; '.join(extra)})" if extra else ""))
+            out.append(f"# {f.name} = {_toml_value(f.default)}")
+    return "\n".join(out) + "\n"
+
+
+def describe(config: Config) -> str:
+    """The effective config as TOML, each value with where it came from; secrets redacted."""
+    out = []
+    for section in SECTIONS:
+        out.append(f"[{section}]")
+        body = getattr(config, section)
+        for f in dataclasses.fields(body):
+            origin = config.origins.get(f"{section}.{f.name}", "default")
+            out.append(f"{f.name} = {_toml_value(getattr(body, f.name))}  # {origin}")
+        out.append("")
+    for name, secret in config.secrets.items():
+        out.append(f"# secret {name}: <redacted>, read from {secret.source}")
+    return "\n".join(out) + "\n"

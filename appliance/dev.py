@@ -1,0 +1,52 @@
+"""The embedded development setup: a local LiveKit-compatible server for `make run`.
+
+The dev server's API secret is generated once per user and kept in a 0600 file
+(never in a TOML file), so `appliance demo` in another terminal can mint
+tokens for the same server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+from appliance.config import Config, Secret
+
+DEV_HOST = "127.0.0.1"
+DEV_PORT = 7880
+DEV_API_KEY = "devkey"
+
+
+def dev_secret_path() -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "appliance" / "dev-api-secret"
+
+
+def dev_secret() -> Secret:
+    """The dev server's secret, created on first use (mode 0600)."""
+    path = dev_secret_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    return Secret(path.read_text().strip(), str(path))
+
+
+def dev_url() -> str:
+    return f"ws://{DEV_HOST}:{DEV_PORT}"
+
+
+async def start_dev_server(config: Config) -> tuple[object, Config]:
+    """Start the dev server and point the config's [livekit] at it."""
+    from appliance.devserver import DevServer
+
+    secret = dev_secret()
+    server = DevServer(host=DEV_HOST, port=DEV_PORT, api_key=DEV_API_KEY, api_secret=secret.reveal())
+    await server.start()
+    livekit = dataclasses.replace(config.livekit, url=dev_url(), api_key=DEV_API_KEY, token_url="")
+    secrets_ = dict(config.secrets)
+    secrets_["livekit.api_secret"] = secret
+    return server, dataclasses.replace(config, livekit=livekit, secrets=secrets_)

@@ -1,0 +1,141 @@
+"""Join tokens for the kiosk's LiveKit identity.
+
+Two sources, chosen by ``[livekit]``: minted here from ``api_key`` and the
+secret in ``api_secret_file`` (identity and room fixed, publish/subscribe/
+data grants only, short TTL), or fetched from the operator's ``token_url``.
+A token is reused until 80 % of its life has passed, then refreshed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import aiohttp
+from livekit import api
+
+from appliance.config import Secret
+
+__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens"]
+
+
+class TokenError(Exception):
+    """No token could be had; the message names the setting and the fix."""
+
+
+@dataclass
+class _Cached:
+    token: str
+    expires_at: float  # monotonic
+
+
+class TokenSource:
+    """Base: ``await source.token()`` gives a valid join token."""
+
+    def __init__(self) -> None:
+        self._cached: _Cached | None = None
+
+    async def token(self) -> str:
+        now = time.monotonic()
+        if self._cached is None or now >= self._cached.expires_at:
+            token, ttl_s = await self._new_token()
+            self._cached = _Cached(token, now + 0.8 * ttl_s)
+        return self._cached.token
+
+    def invalidate(self) -> None:
+        self._cached = None
+
+    async def _new_token(self) -> tuple[str, float]:
+        raise NotImplementedError
+
+
+class MintedTokens(TokenSource):
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        api_secret: Secret,
+        room: str,
+        identity: str,
+        ttl_s: int,
+        name: str = "",
+        attributes: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._api_key = api_key
+        self._api_secret = api_secret
+        self._room = room
+        self._identity = identity
+        self._ttl_s = ttl_s
+        self._name = name or identity
+        self._attributes = attributes or {}
+
+    async def _new_token(self) -> tuple[str, float]:
+        grants = api.VideoGrants(
+            room_join=True,
+            room=self._room,
+            can_publish=True,
+            can_subscribe=True,
+            can_publish_data=True,
+            can_update_own_metadata=False,
+        )
+        token = (
+            api.AccessToken(self._api_key, self._api_secret.reveal())
+            .with_identity(self._identity)
+            .with_name(self._name)
+            .with_grants(grants)
+            .with_attributes(self._attributes)
+            .with_ttl(datetime.timedelta(seconds=self._ttl_s))
+            .to_jwt()
+        )
+        return token, float(self._ttl_s)
+
+
+class FetchedTokens(TokenSource):
+    """GET ``token_url?room=..&identity=..`` → JSON {"token": "...", "ttl_s"?: n} or a bare JWT."""
+
+    def __init__(self, *, url: str, room: str, identity: str, timeout_s: float = 10.0) -> None:
+        super().__init__()
+        self._url = url
+        self._room = room
+        self._identity = identity
+        self._timeout_s = timeout_s
+
+    async def _new_token(self) -> tuple[str, float]:
+        query = urllib.parse.urlencode({"room": self._room, "identity": self._identity})
+        url = f"{self._url}{'&' if '?' in self._url else '?'}{query}"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self._timeout_s)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(url) as response:
+                    body = await response.text()
+                    if response.status != 200:
+                        raise TokenError(
+                            f"[livekit] token_url: {self._url} answered HTTP {response.status}"
+                            " — check the URL and that the kiosk is allowed to get tokens"
+                        )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise TokenError(
+                f"[livekit] token_url: cannot reach {self._url} ({type(exc).__name__})"
+                " — check the network and the URL"
+            ) from None
+        body = body.strip()
+        ttl_s = 600.0
+        if body.startswith("{"):
+            try:
+                data = json.loads(body)
+                token = str(data["token"])
+                ttl_s = float(data.get("ttl_s", ttl_s))
+            except (ValueError, KeyError, TypeError):
+                raise TokenError(
+                    f"[livekit] token_url: {self._url} did not answer JSON with a \"token\" field"
+                ) from None
+        else:
+            token = body
+        if token.count(".") != 2:
+            raise TokenError(f"[livekit] token_url: {self._url} did not answer a JWT")
+        return token, ttl_s
