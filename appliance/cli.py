@@ -132,6 +132,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from appliance.status import format_status, query_status
+
+    path = args.socket
+    if path is None:
+        try:
+            path = _load(args).status.socket
+        except ConfigError:
+            path = "/run/appliance/status.sock"
+    try:
+        status = query_status(path)
+    except OSError as exc:
+        print(f"appliance is not running (no answer on {path}: {exc.strerror or exc})", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -162,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=["show", "defaults"])
     with_config(config)
     config.set_defaults(func=cmd_config)
+
+    status = sub.add_parser("status", help="show the running daemon's state")
+    with_config(status)
+    status.add_argument("--socket", help="status socket (default: [status] socket)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser(
         "demo", help="join the dev server as an agent, make the kiosk speak, record an MP4"

@@ -121,9 +121,17 @@ class AvatarSection:
     )
 
 
+@dataclass(frozen=True)
+class StatusSection:
+    socket: str = setting(
+        "/run/appliance/status.sock", "unix socket that `appliance status` reads", reload=False
+    )
+
+
 SECTIONS: dict[str, type] = {
     "livekit": LiveKitSection,
     "avatar": AvatarSection,
+    "status": StatusSection,
 }
 
 
@@ -131,6 +139,7 @@ SECTIONS: dict[str, type] = {
 class Config:
     livekit: LiveKitSection = field(default_factory=LiveKitSection)
     avatar: AvatarSection = field(default_factory=AvatarSection)
+    status: StatusSection = field(default_factory=StatusSection)
     # secrets read from *_file settings, keyed "section.key" (without _file)
     secrets: Mapping[str, Secret] = field(default_factory=dict)
     # "section.key" -> where the value came from (a file path or "default")

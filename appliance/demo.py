@@ -232,7 +232,7 @@ def _speech(text: str) -> tuple[np.ndarray, int]:
 def run_demo(out: Path, seconds: float, text: str) -> int:
     try:
         asyncio.run(demo(out, seconds, text))
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         print("no video from the kiosk: is `make run` running?")
         return 1
     return 0

@@ -11,8 +11,12 @@ import dataclasses
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.config import Config, Secret
+
+if TYPE_CHECKING:
+    from appliance.devserver import DevServer
 
 DEV_HOST = "127.0.0.1"
 DEV_PORT = 7880
@@ -39,7 +43,7 @@ def dev_url() -> str:
     return f"ws://{DEV_HOST}:{DEV_PORT}"
 
 
-async def start_dev_server(config: Config) -> tuple[object, Config]:
+async def start_dev_server(config: Config) -> tuple[DevServer, Config]:
     """Start the dev server and point the config's [livekit] at it."""
     from appliance.devserver import DevServer
 

@@ -24,9 +24,9 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from livekit import rtc
@@ -52,9 +52,9 @@ class RoomState(enum.Enum):
 class SpeechSink(Protocol):
     """Where received speech goes (the renderer)."""
 
-    def push_audio(self, pcm16: bytes, sample_rate: int, last_chunk: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def interrupt(self) -> None: ...
+    def push_audio(self, pcm16: bytes, sample_rate: int, last_chunk: bool = False) -> object: ...
+    def flush(self) -> object: ...
+    def interrupt(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class KioskRoom:
         self.retry_at: float | None = None  # monotonic time of the next attempt while WAITING
         self.connected_since: float | None = None
         self.frames_published = 0
+        self.agent_identity: str | None = None  # the agent whose speech we receive
         self._room: rtc.Room | None = None
         self._av_sync: rtc.AVSynchronizer | None = None
         self._audio_source: rtc.AudioSource | None = None
@@ -209,6 +210,7 @@ class KioskRoom:
 
     async def _teardown(self) -> None:
         self.connected_since = None
+        self.agent_identity = None
         tasks, self._tasks = self._tasks, set()
         for task in tasks:
             task.cancel()
@@ -244,21 +246,57 @@ class KioskRoom:
     # -- speech in ---------------------------------------------------------------
 
     def _start_receiver(self, room: rtc.Room) -> None:
-        receiver = DataStreamAudioReceiver(room)
-        self._receiver = receiver
-        self._spawn(self._receive_speech(receiver))
+        self._spawn(self._serve_agents(room))
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _serve_agents(self, room: rtc.Room) -> None:
+        """Serve one agent at a time; when it leaves, wait for the next one.
+
+        Conversation agents come and go (one per session), while the kiosk stays.
+        A DataStreamAudioReceiver binds to one agent, so each agent gets a new one.
+        """
+        while True:
+            receiver = DataStreamAudioReceiver(room)
+            self._receiver = receiver
+            # start() waits for an agent participant; streams it sends before the handler
+            # is registered are lost, so registration happens as soon as one is present
+            await receiver.start()
+            agent = receiver._remote_participant  # set by start(); no public accessor
+            self.agent_identity = agent.identity if agent else None
+            receiver.on("clear_buffer", self._on_clear_buffer)
+            log.info("agent %s present: speech receiver ready", self.agent_identity,
+                     extra={"agent": self.agent_identity})
+            left = asyncio.Event()
+
+            def on_left(participant: rtc.RemoteParticipant, left: asyncio.Event = left) -> None:
+                if participant.identity == self.agent_identity:
+                    left.set()
+
+            room.on("participant_disconnected", on_left)
+            consume = asyncio.ensure_future(self._receive_speech(receiver))
+            waiting = asyncio.ensure_future(left.wait())
+            try:
+                await asyncio.wait({consume, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                room.off("participant_disconnected", on_left)
+                for task in (consume, waiting):
+                    task.cancel()
+                await asyncio.gather(consume, waiting, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await receiver.aclose()
+                room.unregister_byte_stream_handler("lk.audio_stream")
+                self._receiver = None
+            log.info("agent %s left", self.agent_identity, extra={"agent": self.agent_identity})
+            self.agent_identity = None
+            if self._playback.active:
+                self._playback.reset()
+                self._speech.interrupt()
+
     async def _receive_speech(self, receiver: DataStreamAudioReceiver) -> None:
-        # start() waits for an agent participant; streams sent before it registers are lost,
-        # which is why the kiosk registers as soon as any agent is present.
-        await receiver.start()
-        receiver.on("clear_buffer", self._on_clear_buffer)
-        log.info("agent present: speech receiver ready")
         async for item in receiver:
             if isinstance(item, AudioSegmentEnd):
                 self._speech.flush()

@@ -23,7 +23,8 @@ from typing import Any
 from appliance.config import Config
 from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
-from appliance.runtime import RuntimeFailure
+from appliance.runtime import RuntimeFailure, VideoSpec
+from appliance.status import StatusServer
 from appliance.tokens import FetchedTokens, MintedTokens, TokenError, TokenSource
 
 __all__ = ["Supervisor", "bundled_model", "make_token_source"]
@@ -109,7 +110,7 @@ class Supervisor:
             renderer_spec(self.config),
             stall_timeout_s=self.config.avatar.stall_timeout_s,
             name="main",
-            on_state=lambda state, reason: self._status_changed(),
+            on_state=lambda old, new, reason: self._status_changed(),
         )
         try:
             await self.renderer.start()
@@ -132,15 +133,23 @@ class Supervisor:
                 retry_max_s=lk.retry_max_s,
             ),
             tokens,
-            self.renderer.video,
+            # before the first successful start the renderer cannot tell; the config can
+            self.renderer.video or VideoSpec(self.config.avatar.width, self.config.avatar.height, 25.0),
             self.renderer,
             on_state=lambda state, reason: self._status_changed(),
         )
         self._tasks.append(asyncio.create_task(self.room.run(), name="room"))
 
     async def run(self) -> None:
+        status = StatusServer(self.config.status.socket, self.status)
+        try:
+            await status.start()
+        except OSError as exc:
+            log.warning("[status] socket: cannot listen on %s (%s) — `appliance status` will not work",
+                        self.config.status.socket, exc)
         await self.start()
         await self._stop.wait()
+        await status.close()
         await self.close()
 
     def request_stop(self) -> None:
@@ -219,5 +228,6 @@ class Supervisor:
                 "reason": room.state_reason if room else None,
                 "frames_published": room.frames_published if room else 0,
             },
+            "agent": room.agent_identity if room else None,
             "problem": self.problem or None,
         }

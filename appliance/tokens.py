@@ -8,7 +8,6 @@ A token is reused until 80 % of its life has passed, then refreshed.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import time
@@ -118,7 +117,7 @@ class FetchedTokens(TokenSource):
                             f"[livekit] token_url: {self._url} answered HTTP {response.status}"
                             " — check the URL and that the kiosk is allowed to get tokens"
                         )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TokenError(
                 f"[livekit] token_url: cannot reach {self._url} ({type(exc).__name__})"
                 " — check the network and the URL"

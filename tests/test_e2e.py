@@ -1,0 +1,168 @@
+"""End to end: an unmodified LiveKit Agents audio output drives the kiosk daemon.
+
+Processes: the dev server (in this test process), the kiosk (`appliance run`,
+a child process, with its renderer grandchild), an *agent* participant using
+``DataStreamAudioOutput`` and a separate *viewer* that subscribes to the
+kiosk's tracks — all real livekit SDK clients over real WebRTC, inside the
+test's private network namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.bench import KioskProcess, write_kiosk_config
+from appliance.demo import AgentVoice, Viewer, make_token, read_wav
+from appliance.reference_runtime import mouth_box_for
+from appliance.supervisor import bundled_model
+
+KIOSK = "kiosk-e2e"
+ROOM = "lobby"
+
+
+@pytest.fixture
+def kiosk(devserver, tmp_path: Path):  # type: ignore[no-untyped-def]
+    config = write_kiosk_config(
+        tmp_path, url=devserver.url, api_key=devserver.api_key, api_secret=devserver.api_secret,
+        room=ROOM, identity=KIOSK, extra="[avatar]\nstall_timeout_s = 1.0\n",
+    )
+    process = KioskProcess(config, tmp_path / "kiosk.log")
+    process.start()
+    try:
+        process.wait_live(timeout_s=60)
+        yield process
+    finally:
+        code = process.stop()
+        assert code == 0, f"kiosk did not stop cleanly ({code}):\n{process.log()[-3000:]}"
+        log = process.log()
+        assert devserver.api_secret not in log, "the LiveKit secret reached the log"
+
+
+def _mouth_activity(viewer: Viewer, start: float, end: float, rest: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Mean absolute difference of the mouth region from its resting look, over a window."""
+    x0, y0, x1, y1 = box
+    diffs = [
+        np.abs(f.image[y0:y1, x0:x1].astype(np.int16) - rest).mean()
+        for f in viewer.frames if start <= f.at <= end
+    ]
+    assert diffs, f"no frames between {start:.2f} and {end:.2f}"
+    return float(np.mean(diffs))
+
+
+def _audio_rms(viewer: Viewer, start: float, end: float) -> float:
+    chunks = [a for a, t in zip(viewer.audio, viewer.audio_times, strict=True) if start <= t <= end]
+    if not chunks:
+        return 0.0
+    samples = np.concatenate(chunks).astype(np.float64)
+    return float(np.sqrt(np.mean(samples**2)))
+
+
+def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+    asyncio.run(_scenario(devserver, kiosk))
+
+
+async def _scenario(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+    url, key, secret = devserver.url, devserver.api_key, devserver.api_secret
+    viewer = Viewer(KIOSK)
+    await viewer.connect(url, make_token(key, secret, ROOM, "viewer"))
+    await asyncio.wait_for(viewer.video_started.wait(), 20)
+
+    # -- idle: frames keep flowing, the avatar moves (blinks, sway), the audio is silent
+    await asyncio.sleep(3.0)
+    idle_start, idle_end = time.monotonic() - 2.5, time.monotonic()
+    idle = [f for f in viewer.frames if idle_start <= f.at <= idle_end]
+    assert len(idle) >= 2.5 * 18, f"only {len(idle)} idle frames in 2.5 s"
+    height, width = idle[0].image.shape[:2]
+    assert (width, height) == (512, 512)
+    assert _audio_rms(viewer, idle_start, idle_end) < 200
+    box = mouth_box_for(bundled_model(), width, height)
+    x0, y0, x1, y1 = box
+    rest = np.median(np.stack([f.image[y0:y1, x0:x1] for f in idle]), axis=0).astype(np.int16)
+    idle_activity = _mouth_activity(viewer, idle_start, idle_end, rest, box)
+
+    # -- the agent speaks: the mouth moves, audio comes back, playback_finished arrives
+    voice = AgentVoice(KIOSK)
+    await voice.connect(url, make_token(key, secret, ROOM, "agent", agent=True))
+    await kiosk.async_wait_for(lambda s: s["agent"] == "agent", 10, "saw the agent")
+    pcm, rate = read_wav()
+    spoken_s = len(pcm) / rate
+    speech_start = time.monotonic()
+    await voice.say(pcm, rate)
+    await asyncio.wait_for(voice.finished_event.wait(), spoken_s + 10)
+    speech_end = time.monotonic()
+    position, interrupted = voice.finished[-1]
+    assert not interrupted
+    assert abs(position - spoken_s) < 0.3, (position, spoken_s)
+    speaking_activity = _mouth_activity(viewer, speech_start + 0.5, speech_end - 0.5, rest, box)
+    assert speaking_activity > 3 * idle_activity + 2, (speaking_activity, idle_activity)
+    assert _audio_rms(viewer, speech_start + 0.5, speech_end - 0.5) > 500
+    await asyncio.sleep(1.5)
+    after = time.monotonic()
+    assert _mouth_activity(viewer, after - 1.0, after, rest, box) < max(2 * idle_activity, idle_activity + 3)
+    assert _audio_rms(viewer, after - 1.0, after) < 200
+
+    # -- barge-in: clear_buffer() stops the avatar early and reports an interrupted playback
+    voice.finished_event.clear()
+    long_pcm = np.concatenate([pcm, pcm, pcm])
+    talking = asyncio.create_task(voice.say(long_pcm, rate, realtime=False))
+    await asyncio.sleep(2.0)
+    voice.interrupt()
+    interrupted_at = time.monotonic()
+    await asyncio.wait_for(voice.finished_event.wait(), 5)
+    position, interrupted = voice.finished[-1]
+    assert interrupted
+    assert 0.5 < position < len(long_pcm) / rate - 3, position
+    await talking
+    await asyncio.sleep(1.5)
+    assert _audio_rms(viewer, interrupted_at + 0.8, time.monotonic()) < 200
+
+    # -- renderer SIGKILL: frames come back without the supervisor restarting
+    supervisor_pid = kiosk.proc.pid if kiosk.proc else None
+    first_renderer = kiosk.renderer_pid()
+    killed_at = time.monotonic()
+    os.kill(first_renderer, signal.SIGKILL)
+    status = await kiosk.async_wait_for(
+        lambda s: s["renderer"]["restarts"] >= 1 and s["renderer"]["state"] == "running", 20,
+        "recovered from SIGKILL")
+    await _wait_frames_after(viewer, time.monotonic())
+    assert status["renderer"]["pid"] != first_renderer
+    assert kiosk.proc is not None and kiosk.proc.pid == supervisor_pid and kiosk.proc.poll() is None
+    gap_ms = _max_gap_ms(viewer, killed_at)
+    print(f"gap after renderer SIGKILL: {gap_ms:.0f} ms")
+
+    # -- renderer SIGSTOP: the stall is noticed and the child replaced
+    stopped = kiosk.renderer_pid()
+    stopped_at = time.monotonic()
+    os.kill(stopped, signal.SIGSTOP)
+    await kiosk.async_wait_for(
+        lambda s: s["renderer"]["restarts"] >= 2 and s["renderer"]["state"] == "running", 20,
+        "recovered from SIGSTOP")
+    await _wait_frames_after(viewer, time.monotonic())
+    print(f"gap after renderer SIGSTOP (stall_timeout_s = 1.0): {_max_gap_ms(viewer, stopped_at):.0f} ms")
+    with_reason = kiosk.log()
+    assert "SIGKILL" in with_reason or "killed" in with_reason or "died" in with_reason, with_reason[-2000:]
+    assert "stall" in with_reason.lower() or "no frame" in with_reason.lower(), with_reason[-2000:]
+
+    await voice.close()
+    await viewer.close()
+
+
+async def _wait_frames_after(viewer: Viewer, since: float, count: int = 10, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len([t for t in viewer.frame_times if t > since]) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the viewer got no frames after the renderer came back")
+
+
+def _max_gap_ms(viewer: Viewer, since: float) -> float:
+    times = np.array([t for t in viewer.frame_times if t >= since - 0.5])
+    return float(np.max(np.diff(times)) * 1000)
