@@ -19,6 +19,7 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.config import Config, ConfigError, load_config, render_default_toml
+from appliance.logs import setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -36,17 +37,6 @@ def config_paths(explicit: list[str] | None) -> list[Path]:
     if ETC_DROPINS.is_dir():
         paths += sorted(ETC_DROPINS.glob("*.toml"))
     return paths
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # the SDKs are chatty at INFO; their warnings still show
-    for noisy in ("livekit", "livekit.agents", "aioice", "aiortc"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -67,23 +57,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_until_signal(config: Config, *, dev: bool) -> int:
+def _run_until_signal(args: argparse.Namespace, config: Config) -> int:
+    from appliance.reload import ConfigWatcher
     from appliance.supervisor import Supervisor
+
+    paths = config_paths(args.config)
 
     async def main() -> None:
         server = None
-        nonlocal config
-        if dev:
-            from appliance.dev import start_dev_server
+        load = lambda: load_config(paths)  # noqa: E731
+        if args.dev:
+            from appliance.dev import dev_overrides, start_dev_server
 
-            server, config = await start_dev_server(config)
-        supervisor = Supervisor(config)
+            server = await start_dev_server()
+            load = lambda: dev_overrides(load_config(paths))  # noqa: E731
+        supervisor = Supervisor(load() if args.dev else config, load=load)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.request_stop)
-        if dev:
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(supervisor.reload("SIGHUP")))
+        dropins = [ETC_DROPINS] if not args.config and ETC_DROPINS.is_dir() else []
+        watcher = ConfigWatcher(paths or [ETC_CONFIG], dropins, lambda: supervisor.reload("file changed"))
+        watcher.start()
+        if args.dev:
             print(
-                f"\nappliance: dev server on {config.livekit.url}, room {config.livekit.room!r}.\n"
+                f"\nappliance: dev server on {supervisor.config.livekit.url}, room "
+                f"{supervisor.config.livekit.room!r}.\n"
                 "  To see and hear the avatar speak: `make demo` in another terminal\n"
                 "  (writes demo.mp4). Stop with Ctrl-C.\n",
                 file=sys.stderr,
@@ -91,6 +90,7 @@ def _run_until_signal(config: Config, *, dev: bool) -> int:
         try:
             await supervisor.run()
         finally:
+            watcher.stop()
             if server is not None:
                 await server.stop()
 
@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         return EXIT_CONFIG
-    return _run_until_signal(config, dev=args.dev)
+    return _run_until_signal(args, config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

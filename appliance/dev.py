@@ -43,14 +43,18 @@ def dev_url() -> str:
     return f"ws://{DEV_HOST}:{DEV_PORT}"
 
 
-async def start_dev_server(config: Config) -> tuple[DevServer, Config]:
-    """Start the dev server and point the config's [livekit] at it."""
+async def start_dev_server() -> DevServer:
+    """Start the dev server on DEV_HOST:DEV_PORT with the per-user secret."""
     from appliance.devserver import DevServer
 
-    secret = dev_secret()
-    server = DevServer(host=DEV_HOST, port=DEV_PORT, api_key=DEV_API_KEY, api_secret=secret.reveal())
+    server = DevServer(host=DEV_HOST, port=DEV_PORT, api_key=DEV_API_KEY, api_secret=dev_secret().reveal())
     await server.start()
+    return server
+
+
+def dev_overrides(config: Config) -> Config:
+    """Point [livekit] at the dev server (the rest of the config stays the operator's)."""
     livekit = dataclasses.replace(config.livekit, url=dev_url(), api_key=DEV_API_KEY, token_url="")
     secrets_ = dict(config.secrets)
-    secrets_["livekit.api_secret"] = secret
-    return server, dataclasses.replace(config, livekit=livekit, secrets=secrets_)
+    secrets_["livekit.api_secret"] = dev_secret()
+    return dataclasses.replace(config, livekit=livekit, secrets=secrets_)

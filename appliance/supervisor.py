@@ -20,16 +20,26 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from appliance.config import Config
+from appliance.config import Config, ConfigError
+from appliance.notify import Notifier
+from appliance.reload import diff_configs
 from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
 from appliance.runtime import RuntimeFailure, VideoSpec
+from appliance.states import RendererState
 from appliance.status import StatusServer
 from appliance.tokens import FetchedTokens, MintedTokens, TokenError, TokenSource
 
 __all__ = ["Supervisor", "bundled_model", "make_token_source"]
 
 log = logging.getLogger("appliance.supervisor")
+
+# settings that need a process restart (the others apply live)
+RESTART_ONLY = {"avatar.width", "avatar.height", "status.socket"}
+
+# Feed systemd's watchdog only while a frame arrived within this window: the renderer's own
+# restarts (stall_timeout_s + backoff) get this long to recover before systemd restarts us.
+WATCHDOG_GRACE_S = 45.0
 
 
 def bundled_model() -> str:
@@ -85,47 +95,65 @@ class _FpsMeter:
 
 
 class Supervisor:
+    """Owns the renderer and the room; applies config reloads; reports status."""
+
     def __init__(
         self,
         config: Config,
         *,
-        on_status: Callable[[str], None] | None = None,
+        load: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
-        self._on_status = on_status
+        self._load = load  # re-reads the config layers on reload
+        self.notifier = notifier or Notifier()
+        self.ready = False
         self.started_at = time.monotonic()
         self.renderer: Renderer | None = None
         self.room: KioskRoom | None = None
+        self._room_task: asyncio.Task[None] | None = None
         self.last_frame_at: float | None = None
         self.fps_meter = _FpsMeter()
         self.problem: str = ""  # the operator-facing reason we cannot serve, if any
+        self.config_problems: list[str] = []  # why the last reload was refused
+        self.last_reload: str = ""
         self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         """Warm the renderer (first frames flowing), then join the room in the background."""
-        self.renderer = Renderer(
-            renderer_spec(self.config),
-            stall_timeout_s=self.config.avatar.stall_timeout_s,
+        self.renderer = await self._start_renderer(self.config)
+        self._tasks.append(asyncio.create_task(self._pump_frames(), name="frame-pump"))
+        self._start_room(self.config)
+
+    async def _start_renderer(self, config: Config) -> Renderer:
+        renderer = Renderer(
+            renderer_spec(config),
+            stall_timeout_s=config.avatar.stall_timeout_s,
             name="main",
             on_state=lambda old, new, reason: self._status_changed(),
         )
         try:
-            await self.renderer.start()
+            await renderer.start()
+            self.problem = ""
         except RuntimeFailure as exc:
             # a bad model or credential: keep the process up, say why, let the renderer retry
             self.problem = exc.operator_line()
-            log.error("%s", self.problem, extra={"reason": self.problem})
-        self._tasks.append(asyncio.create_task(self._pump_frames(), name="frame-pump"))
+            log.error("%s", self.problem, extra={"reason": self.problem, "model": config.avatar.model})
+        return renderer
+
+    def _start_room(self, config: Config) -> None:
         try:
-            tokens = make_token_source(self.config)
+            tokens = make_token_source(config)
         except TokenError as exc:
             self.problem = str(exc)
             log.error("%s", self.problem, extra={"reason": self.problem})
             return
-        lk = self.config.livekit
+        lk, avatar = config.livekit, config.avatar
+        assert self.renderer is not None
         self.room = KioskRoom(
             RoomOptions(
                 url=lk.url, room=lk.room, identity=lk.identity, simulcast=lk.simulcast,
@@ -134,11 +162,21 @@ class Supervisor:
             ),
             tokens,
             # before the first successful start the renderer cannot tell; the config can
-            self.renderer.video or VideoSpec(self.config.avatar.width, self.config.avatar.height, 25.0),
-            self.renderer,
+            self.renderer.video or VideoSpec(avatar.width, avatar.height, 25.0),
+            self,
             on_state=lambda state, reason: self._status_changed(),
         )
-        self._tasks.append(asyncio.create_task(self.room.run(), name="room"))
+        self._room_task = asyncio.create_task(self.room.run(), name="room")
+
+    async def _stop_room(self) -> None:
+        room, task = self.room, self._room_task
+        self.room, self._room_task = None, None
+        if room is not None:
+            await room.close()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def run(self) -> None:
         status = StatusServer(self.config.status.socket, self.status)
@@ -148,7 +186,9 @@ class Supervisor:
             log.warning("[status] socket: cannot listen on %s (%s) — `appliance status` will not work",
                         self.config.status.socket, exc)
         await self.start()
+        self._tasks.append(asyncio.create_task(self._report_loop(), name="report"))
         await self._stop.wait()
+        self.notifier.stopping()
         await status.close()
         await self.close()
 
@@ -157,8 +197,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Leave the room, stop the renderer; bounded by the callers' timeout."""
-        if self.room is not None:
-            await self.room.close()
+        await self._stop_room()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -167,16 +206,114 @@ class Supervisor:
         if self.renderer is not None:
             await self.renderer.close()
 
+    async def _report_loop(self) -> None:
+        """READY once frames flow; STATUS= as things change; WATCHDOG=1 only while frames advance."""
+        interval = min(1.0, self.notifier.watchdog_interval_s or 1.0)
+        while True:
+            renderer = self.renderer
+            failed = renderer is not None and renderer.state is RendererState.FAILED
+            flowing = self.frames_flowing(WATCHDOG_GRACE_S)
+            if not self.ready and (self.frames_flowing(1.0) or failed):
+                # a model that cannot open is diagnosed, not hung: be "active" and say why,
+                # rather than have systemd restart us in a loop that cannot help
+                self.ready = True
+                self.notifier.ready(self.status_line())
+                log.info("ready: %s", self.status_line())
+            else:
+                self.notifier.status(self.status_line())
+            if self.ready and (flowing or failed):
+                self.notifier.watchdog_ping()
+            await asyncio.sleep(interval)
+
+    # -- reload ----------------------------------------------------------------
+
+    async def reload(self, trigger: str) -> bool:
+        """Parse and validate everything first; apply only what changed; never half-apply.
+
+        Returns False (and keeps the last good config running) when the new one is invalid.
+        """
+        if self._load is None:
+            return False
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = self._load()
+            except ConfigError as exc:
+                self.config_problems = [str(p) for p in exc.problems]
+                for line in self.config_problems:
+                    log.error("config not applied (%s): %s", trigger, line, extra={"reason": line})
+                log.error("keeping the last good configuration")
+                return False
+            finally:
+                self.notifier.ready(self.status_line())
+            self.config_problems = []
+            changed = diff_configs(self.config, new)
+            if not changed:
+                log.info("config reloaded (%s): no change", trigger)
+                return True
+            log.info("config reloaded (%s): %s changed", trigger, ", ".join(changed))
+            await self._apply(new, changed)
+            self.last_reload = f"{', '.join(changed)} ({trigger})"
+            return True
+
+    async def _apply(self, new: Config, changed: list[str]) -> None:
+        old, self.config = self.config, new
+        restart_only = [key for key in changed if key in RESTART_ONLY]
+        if restart_only:
+            log.warning("%s: takes effect at the next restart (`systemctl restart appliance`)",
+                        ", ".join(restart_only))
+        if any(key.startswith(("avatar.runtime", "avatar.model", "secret avatar")) for key in changed):
+            await self._swap_renderer(new)
+        elif "avatar.stall_timeout_s" in changed and self.renderer is not None:
+            self.renderer.stall_timeout_s = new.avatar.stall_timeout_s
+        if any(key.startswith(("livekit.", "secret livekit")) for key in changed):
+            log.info("rejoining: LiveKit settings changed", extra={"room": new.livekit.room})
+            await self._stop_room()
+            self._start_room(new)
+        del old
+
+    async def _swap_renderer(self, config: Config) -> None:
+        """Warm the new model beside the old one; switch on a frame boundary; close the old."""
+        log.info("warming %s model %s beside the current one", config.avatar.runtime,
+                 renderer_spec(config).model, extra={"model": config.avatar.model})
+        fresh = await self._start_renderer(config)
+        if fresh.state is not RendererState.RUNNING:
+            log.error("new model did not start; keeping the current one", extra={"reason": self.problem})
+            await fresh.close()
+            return
+        old, self.renderer = self.renderer, fresh  # the pump switches at its next frame
+        if old is not None:
+            old.interrupt()
+            await old.close()
+
+    # -- speech (the room's SpeechSink): always the current renderer ------------------
+
+    def push_audio(self, pcm16: bytes, sample_rate: int, last_chunk: bool = False) -> object:
+        return self.renderer.push_audio(pcm16, sample_rate, last_chunk) if self.renderer else False
+
+    def flush(self) -> object:
+        return self.renderer.flush() if self.renderer else False
+
+    def interrupt(self) -> object:
+        return self.renderer.interrupt() if self.renderer else False
+
     # -- frames --------------------------------------------------------------------
 
     async def _pump_frames(self) -> None:
-        assert self.renderer is not None
-        async for frame in self.renderer.frames():
-            now = time.monotonic()
-            self.last_frame_at = now
-            self.fps_meter.tick(now)
-            if self.room is not None:
-                await self.room.push_frame(frame)
+        while True:
+            renderer = self.renderer
+            assert renderer is not None
+            async for frame in renderer.frames():
+                if renderer is not self.renderer:
+                    break  # swapped: continue with the new renderer's frames
+                now = time.monotonic()
+                self.last_frame_at = now
+                self.fps_meter.tick(now)
+                if self.room is not None:
+                    await self.room.push_frame(frame)
+            else:
+                if renderer is self.renderer:
+                    return  # closed
 
     def frames_flowing(self, within_s: float = 1.0) -> bool:
         return self.last_frame_at is not None and time.monotonic() - self.last_frame_at < within_s
@@ -184,8 +321,8 @@ class Supervisor:
     # -- status ------------------------------------------------------------------------
 
     def _status_changed(self) -> None:
-        if self._on_status:
-            self._on_status(self.status_line())
+        if self.ready:
+            self.notifier.status(self.status_line())
 
     def status_line(self) -> str:
         """One human line for systemd's STATUS= and `appliance status`."""
@@ -230,4 +367,6 @@ class Supervisor:
             },
             "agent": room.agent_identity if room else None,
             "problem": self.problem or None,
+            "config_problems": self.config_problems,
+            "last_reload": self.last_reload or None,
         }
