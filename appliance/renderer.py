@@ -1,0 +1,627 @@
+"""Run the avatar runtime in a supervised child process (parent side).
+
+A :class:`Renderer` is one child process and the model it renders. Native
+avatar code can crash or hang; it does so in the child, and the supervisor
+(with its systemd watchdog ping) carries on, restarts the child, and the
+frames come back by themselves. Two renderers can exist at once, so a new
+model can warm up beside the old one before a switch.
+
+The child speaks the protocol defined in ``renderer_child.py``: handshake
+(``Hello``, ``Init`` → ``Ready``), then ``FrameReady(slot, seq)`` per frame,
+the frame itself sitting in a shared-memory ring that the parent copies out.
+
+Life of a renderer (``State``)::
+
+    STOPPED → STARTING → WARMING → RUNNING ─┬─ child died ──────────→ RESTARTING → WARMING → ...
+                                            ├─ no frames (stall) ─→ STALLED → RESTARTING/BACKOFF
+                                            └─ repeated failures ─→ BACKOFF → RESTARTING
+              WARMING ── model cannot open ─→ FAILED ── slow retry ─→ RESTARTING
+    any ── close() → STOPPED
+
+A child counts as running only after its handshake and first frame. On a
+stall the parent escalates: ask (``Shutdown``), dump the child's stacks
+(SIGUSR1, faulthandler, to stderr), SIGKILL. Restarts back off (0, 1, 2, 4
+... ``backoff_max_s``) and the backoff resets after ``healthy_after_s`` of
+running; it never gives up. An idle spare child (interpreter and runtime
+imports loaded, waiting for ``Init``) is kept ready to take over.
+
+Children are spawned (``python -P -m appliance.renderer_child``), never
+forked, from the event loop's thread; they die with that thread
+(PR_SET_PDEATHSIG), so run the loop in a thread that lives as long as the
+renderer (the main thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+from appliance import runtime as _runtime_module
+from appliance.renderer_child import (
+    SHM_PREFIX,
+    Failure,
+    FrameReady,
+    Hello,
+    Init,
+    Interrupt,
+    Message,
+    Ping,
+    Pong,
+    PushAudio,
+    Ready,
+    Ring,
+    RingLayout,
+    Shutdown,
+    encode,
+    open_shm,
+    read_message,
+    sweep_stale_segments,
+    unlink_shm,
+)
+from appliance.renderer_child import Flush as _FlushMsg
+from appliance.runtime import Frame, RuntimeFailure, VideoSpec
+from appliance.states import RendererState, StateCell
+
+__all__ = [
+    "Renderer",
+    "RendererSpec",
+    "RendererCrashed",
+    "State",
+    "SHM_PREFIX",
+    "sweep_stale_segments",
+]
+
+log = logging.getLogger("appliance.renderer")
+
+State = RendererState
+_FPS_WINDOW_S = 10.0
+_PING_EVERY_S = 1.0
+_spawn_ids = count(1)
+
+
+@dataclass(frozen=True)
+class RendererSpec:
+    runtime: str  # a name from runtime.RUNTIME_NAMES, or "module:factory" (tests)
+    model: str
+    width: int = 512
+    height: int = 512
+    api_secret: str | None = field(default=None, repr=False)
+
+
+class RendererCrashed(RuntimeFailure):
+    """The child kept crashing before it rendered a first frame."""
+
+
+def _exit_reason(returncode: int | None) -> str:
+    if returncode is None:
+        return "child closed its control channel"
+    if returncode < 0:
+        try:
+            return f"child killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"child killed by signal {-returncode}"
+    return f"child exited with code {returncode}"
+
+
+def _failure_exception(f: Failure) -> RuntimeFailure:
+    cls = getattr(_runtime_module, f.kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, RuntimeFailure)):
+        cls = RuntimeFailure
+    return cls(f.message, setting=f.setting, fix=f.fix)
+
+
+class _Child:
+    """One child process and its control channel, parent side."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, shm_name: str) -> None:
+        self.proc, self.pid, self.shm_name = proc, proc.pid, shm_name
+        self.spawned_at = time.monotonic()
+        self.hello_at: float | None = None
+        self.ready: Ready | None = None
+        self.ring: Ring | None = None
+        self.failure: Failure | None = None
+        self.frames = 0
+        self.last_frame = 0.0
+        self.first_frame_at: float | None = None
+        self.last_pong = 0.0
+        self.running_since: float | None = None
+        self.eof = False
+        self.exited = asyncio.Event()
+        self.wakeup = asyncio.Event()
+        self.on_frame: Callable[[_Child, int, int], None] | None = None
+        self._sock = sock
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pidfd = -1
+
+    async def connect(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._tasks.append(
+            asyncio.create_task(self._read_loop(reader), name=f"renderer-read-{self.pid}")
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            loop.add_reader(self._pidfd, self._check_exit)
+        except (OSError, AttributeError):  # no pidfd (old kernel): poll
+            self._tasks.append(
+                asyncio.create_task(self._poll_exit(), name=f"renderer-poll-{self.pid}")
+            )
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    def send(self, msg: Message) -> bool:
+        if self._writer is None or self.eof or self._writer.is_closing():
+            return False
+        self._writer.write(encode(msg))
+        return True
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wakeup.wait(), max(timeout, 0.0))
+        self.wakeup.clear()
+
+    async def wait_exit(self, timeout: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.exited.wait(), timeout)
+        return self.exited.is_set()
+
+    def _check_exit(self) -> None:
+        if self.proc.poll() is None:
+            return
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self.exited.set()
+        self.wakeup.set()
+
+    async def _poll_exit(self) -> None:
+        while self.alive:
+            self._check_exit()
+            await asyncio.sleep(0.1)
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (msg := await read_message(reader)) is not None:
+                if isinstance(msg, FrameReady):  # the hot path
+                    self.frames += 1
+                    self.last_frame = time.monotonic()
+                    if self.on_frame is not None:
+                        self.on_frame(self, msg.slot, msg.seq)
+                    if self.frames > 1:
+                        continue
+                    self.first_frame_at = self.last_frame
+                elif isinstance(msg, Pong):
+                    self.last_pong = time.monotonic()
+                    continue
+                elif isinstance(msg, Hello):
+                    self.hello_at = time.monotonic()
+                elif isinstance(msg, Ready):
+                    self._attach(msg)
+                elif isinstance(msg, Failure):
+                    self.failure = msg
+                else:
+                    log.warning("child %d sent unexpected %s", self.pid, type(msg).__name__)
+                self.wakeup.set()
+        except Exception:
+            log.exception("child %d: bad message on the control channel", self.pid)
+        finally:
+            self.eof = True
+            self.wakeup.set()
+
+    def _attach(self, msg: Ready) -> None:
+        if msg.shm_name != self.shm_name:
+            raise ValueError(
+                f"child used shared memory {msg.shm_name!r}, asked for {self.shm_name!r}"
+            )
+        layout = RingLayout(msg.width, msg.height, msg.audio_capacity, msg.slots)
+        self.ring = Ring(open_shm(msg.shm_name), layout)
+        unlink_shm(msg.shm_name)  # both sides hold it now; nothing can leak it from here on
+        self.ready = msg
+
+    async def retire(self, *, grace_s: float, dump: bool) -> None:
+        """Ask, dump stacks, kill; then release everything. Bounded time."""
+        if self.alive and self.send(Shutdown()):
+            await self.wait_exit(grace_s)
+        if self.alive:
+            if dump:
+                log.warning(
+                    "child %d did not stop when asked; dumping its stacks, then SIGKILL", self.pid
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGUSR1)
+                await self.wait_exit(0.2)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            if not await self.wait_exit(5.0):
+                log.error("child %d survived SIGKILL for 5 s", self.pid)
+        self.close()
+
+    def close(self) -> None:
+        self.on_frame = None
+        for task in self._tasks:
+            task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        unlink_shm(self.shm_name)  # in case the child created it and died before Ready
+        if self._pidfd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+@dataclass
+class _Outcome:
+    reason: str
+    failure: RuntimeFailure | None = None  # the model cannot open: FAILED, not a crash
+    stalled: bool = False
+    ran_s: float = 0.0  # healthy running time before the end
+
+
+class Renderer:
+    """One supervised renderer child and its model. See the module docstring."""
+
+    def __init__(
+        self,
+        spec: RendererSpec,
+        *,
+        stall_timeout_s: float = 2.0,
+        name: str = "main",
+        on_state: Callable[[State, State, str], None] | None = None,
+        spare: bool = True,
+        warmup_timeout_s: float = 120.0,
+        backoff_max_s: float = 30.0,
+        healthy_after_s: float = 30.0,
+        failed_retry_s: float = 60.0,
+        start_attempts: int = 3,
+        shutdown_grace_s: float = 1.0,
+        slots: int = 8,
+    ) -> None:
+        self.spec, self.name = spec, name
+        self.stall_timeout_s, self.warmup_timeout_s = stall_timeout_s, warmup_timeout_s
+        self.backoff_max_s, self.healthy_after_s = backoff_max_s, healthy_after_s
+        self.failed_retry_s, self.start_attempts = failed_retry_s, start_attempts
+        self.shutdown_grace_s, self.slots, self.use_spare = shutdown_grace_s, slots, spare
+        self.restarts = 0
+        self.last_restart_reason = ""
+        # last frame of the old child → first frame of the new one
+        self.last_restart_gap_s: float | None = None
+        self.last_frame_monotonic: float | None = None
+        self.spawned = 0  # children started, spares included
+        self.dropped_frames = 0  # consumer too slow, or slot overwritten during the copy
+        self.video: VideoSpec | None = None
+        self._state = StateCell(
+            State.STOPPED, logger=log, who=f"renderer {name}", on_change=on_state
+        )
+        self._current: _Child | None = None
+        self._spare: _Child | None = None
+        self._children: set[_Child] = set()  # every child not yet retired, whatever its role
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._pending: collections.deque[tuple[Ring, int, int]] = collections.deque()
+        self._frame_event = asyncio.Event()
+        self._frame_times: collections.deque[float] = collections.deque()
+        self._first_frame_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._closed = False
+        self._ever_ran = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def state(self) -> State:
+        return self._state.value
+
+    @property
+    def state_reason(self) -> str:
+        return self._state.reason
+
+    @property
+    def pid(self) -> int | None:
+        return self._current.pid if self._current is not None and self._current.alive else None
+
+    @property
+    def fps(self) -> float:
+        """Frames per second over the last 10 s (0 when frames stopped)."""
+        now = time.monotonic()
+        times = self._frame_times
+        while times and times[0] < now - _FPS_WINDOW_S:
+            times.popleft()
+        if not times or self._first_frame_at is None:
+            return 0.0
+        span = min(_FPS_WINDOW_S, now - self._first_frame_at)
+        if span < _FPS_WINDOW_S:
+            return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        return len(times) / _FPS_WINDOW_S
+
+    async def start(self) -> None:
+        """Spawn the child, open the model, wait for the first frame.
+
+        Raises the child's RuntimeFailure (with its operator line) if the model
+        cannot open, or RendererCrashed if the child crashed ``start_attempts``
+        times before a first frame. Either way the renderer keeps retrying in
+        the background until close(): call close() if that is not wanted.
+        """
+        if self._task is not None:
+            raise RuntimeError(f"renderer {self.name} already started")
+        sweep_stale_segments()
+        self._started = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._supervise(), name=f"renderer-{self.name}")
+        await self._started
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Frames, forever, across child restarts; ends after close(). One consumer at a time."""
+        while True:
+            while not self._pending:
+                if self._closed:
+                    return
+                self._frame_event.clear()
+                await self._frame_event.wait()
+            ring, slot, seq = self._pending.popleft()
+            frame = ring.read(slot, seq)
+            if frame is None:
+                self.dropped_frames += 1
+                continue
+            yield frame
+
+    def push_audio(self, pcm16: bytes, sample_rate: int, last_chunk: bool = False) -> bool:
+        """Queue speech for the child (mono int16 LE). False if no child can take it now."""
+        return self._send(PushAudio(sample_rate, last_chunk, bytes(pcm16)))
+
+    def flush(self) -> bool:
+        return self._send(_FlushMsg())
+
+    def interrupt(self) -> bool:
+        return self._send(Interrupt())
+
+    async def close(self) -> None:
+        """Stop the child (ask, dump, kill), the spare and the supervision; bounded time."""
+        self._closed = True
+        self._frame_event.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._resolve_start(RuntimeFailure(f"renderer {self.name} closed before its first frame"))
+        current = self._current
+        for child in list(self._children):
+            self._retire(child, dump=child is current)
+        self._current = self._spare = None
+        self._pending.clear()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self._set_state(State.STOPPED, "closed")
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_state(self, new: State, reason: str, *, level: int = logging.INFO) -> None:
+        self._state.set(new, reason, level=level)
+
+    def _send(self, msg: Message) -> bool:
+        child = self._current
+        if child is None or not child.send(msg):
+            log.debug("renderer %s: no child to take %s", self.name, type(msg).__name__)
+            return False
+        return True
+
+    def _on_frame(self, child: _Child, slot: int, seq: int) -> None:
+        now = child.last_frame
+        self.last_frame_monotonic = now
+        self._frame_times.append(now)
+        while self._frame_times[0] < now - _FPS_WINDOW_S:
+            self._frame_times.popleft()
+        if self._first_frame_at is None:
+            self._first_frame_at = now
+        if child.ring is None:
+            return
+        if len(self._pending) >= self.slots - 2:  # the child is about to overwrite these slots
+            self._pending.popleft()
+            self.dropped_frames += 1
+        self._pending.append((child.ring, slot, seq))
+        self._frame_event.set()
+
+    async def _spawn(self, preload: str = "") -> _Child:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        shm_name = f"{SHM_PREFIX}{safe_name}-{os.getpid()}-{next(_spawn_ids)}"
+        argv = [
+            sys.executable, "-P", "-m", "appliance.renderer_child",
+            "--fd", str(child_sock.fileno()), "--name", self.name,
+            "--parent-pid", str(os.getpid()), "--preload", preload,
+        ]  # fmt: skip
+        try:
+            proc = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        self.spawned += 1
+        child = _Child(proc, parent_sock, shm_name)
+        self._children.add(child)  # from here on close() will reap it, even if we are cancelled
+        await child.connect()
+        log.debug("renderer %s: spawned child %d", self.name, child.pid)
+        return child
+
+    async def _take_child(self) -> _Child:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.alive and not spare.eof:
+            return spare
+        if spare is not None:
+            self._retire(spare, dump=False)
+        return await self._spawn()
+
+    def _ensure_spare(self) -> None:
+        if self.use_spare and self._spare is None and not self._closed:
+            task = asyncio.create_task(self._make_spare(), name=f"renderer-{self.name}-spare")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _make_spare(self) -> None:
+        child = await self._spawn(preload=self.spec.runtime)
+        if self._closed or self._spare is not None:
+            self._children.discard(child)
+            await child.retire(grace_s=self.shutdown_grace_s, dump=False)
+        else:
+            self._spare = child
+
+    def _retire(self, child: _Child, *, dump: bool) -> None:
+        self._children.discard(child)
+        if child is self._spare:
+            self._spare = None
+        if child is self._current:
+            self._current = None
+            self._pending.clear()  # those slots belong to the ring being closed
+        task = asyncio.create_task(child.retire(grace_s=self.shutdown_grace_s, dump=dump))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _backoff(self, failures: int) -> float:
+        return 0.0 if failures <= 1 else min(self.backoff_max_s, 2.0 ** (failures - 2))
+
+    async def _supervise(self) -> None:
+        failures = 0  # in a row
+        reason = ""
+        try:
+            self._set_state(State.STARTING, f"{self.spec.runtime} {self.spec.model}")
+            while True:
+                child = await self._take_child()
+                outcome = await self._serve(child, restarted=bool(reason))
+                self._retire(child, dump=outcome.stalled)
+                reason = outcome.reason
+                failures = 1 if outcome.ran_s >= self.healthy_after_s else failures + 1
+                if outcome.failure is not None:  # not a crash: the operator must act
+                    failures, delay = 0, self.failed_retry_s
+                    line = outcome.failure.operator_line()
+                    self._set_state(State.FAILED, line, level=logging.ERROR)
+                    self._resolve_start(outcome.failure)
+                    log.warning("renderer %s: retrying the model in %.0f s", self.name, delay)
+                else:
+                    delay = self._backoff(failures)
+                    if failures >= self.start_attempts and not self._ever_ran:
+                        self._resolve_start(RendererCrashed(
+                            f"renderer child crashed {failures} times before its first frame: {reason}",
+                            setting="[avatar] runtime",
+                            fix="see the journal for the child's traceback",
+                        ))  # fmt: skip
+                    if delay > 0:
+                        long = delay >= self.backoff_max_s
+                        why = f"{reason}; {failures} failures in a row, next try in {delay:.0f} s"
+                        why += " (long backoff: still trying, never giving up)" if long else ""
+                        self._set_state(
+                            State.BACKOFF, why, level=logging.ERROR if long else logging.WARNING
+                        )
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self.restarts += 1
+                self.last_restart_reason = reason
+                self._set_state(State.RESTARTING, reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug here must not pass silently
+            log.exception("renderer %s: supervision failed", self.name)
+            self._set_state(State.FAILED, f"supervision failed: {e!r}", level=logging.CRITICAL)
+            self._resolve_start(RuntimeFailure(f"renderer supervision failed: {e!r}"))
+
+    def _resolve_start(self, error: BaseException | None) -> None:
+        fut = self._started
+        if fut is None or fut.done():
+            return
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+    async def _serve(self, child: _Child, *, restarted: bool) -> _Outcome:
+        """Make ``child`` the current one: handshake, first frame, then watch it until it fails."""
+        s = self.spec
+        previous_frame = self.last_frame_monotonic
+        self._current = child
+        child.on_frame = self._on_frame
+        child.send(
+            Init(s.runtime, s.model, s.width, s.height, child.shm_name, self.slots, s.api_secret)
+        )
+        deadline = time.monotonic() + self.warmup_timeout_s
+        warming = False
+        while not child.frames:
+            if child.hello_at is not None and not warming:
+                warming = True
+                self._set_state(State.WARMING, f"child {child.pid} opening {s.model}")
+            if child.failure is not None or child.eof:
+                return await self._ended(child)
+            if time.monotonic() > deadline:
+                why = f"no first frame within {self.warmup_timeout_s:.0f} s"
+                self._set_state(State.STALLED, f"child {child.pid}: {why}", level=logging.WARNING)
+                return _Outcome(why, stalled=True)
+            await child.wait(deadline - time.monotonic())
+        child.running_since = time.monotonic()
+        if child.ready is not None:
+            self.video = VideoSpec(child.ready.width, child.ready.height, child.ready.fps)
+        gap = ""
+        if restarted and previous_frame is not None and child.first_frame_at is not None:
+            self.last_restart_gap_s = child.first_frame_at - previous_frame
+            gap = f", {self.last_restart_gap_s:.2f} s without frames"
+        self._set_state(State.RUNNING, f"child {child.pid} rendering{gap}")
+        self._ever_ran = True
+        self._resolve_start(None)
+        self._ensure_spare()
+        return await self._watch(child)
+
+    async def _watch(self, child: _Child) -> _Outcome:
+        tick = max(0.05, min(0.25, self.stall_timeout_s / 4))
+        last_ping = 0.0
+        while True:
+            await child.wait(tick)
+            now = time.monotonic()
+            if child.failure is not None or child.eof:
+                return await self._ended(child)
+            silent = now - child.last_frame
+            if silent > self.stall_timeout_s:
+                pong = now - child.last_pong if child.last_pong else silent
+                loop = (
+                    "its event loop answers pings"
+                    if pong < 2 * _PING_EVERY_S
+                    else f"no pong for {pong:.1f} s"
+                )
+                why = f"no frames for {silent:.1f} s ({loop})"
+                self._set_state(State.STALLED, f"child {child.pid}: {why}", level=logging.WARNING)
+                assert child.running_since is not None
+                return _Outcome(
+                    f"stalled: {why}", stalled=True, ran_s=child.last_frame - child.running_since
+                )
+            if now - last_ping >= _PING_EVERY_S:
+                child.send(Ping(int(now * 1000)))
+                last_ping = now
+
+    async def _ended(self, child: _Child) -> _Outcome:
+        ran = child.last_frame - child.running_since if child.running_since is not None else 0.0
+        f = child.failure
+        if f is not None and f.kind != "crash":
+            return _Outcome(_failure_exception(f).operator_line(), failure=_failure_exception(f))
+        await child.wait_exit(1.0)
+        reason = _exit_reason(child.proc.returncode if not child.alive else None)
+        if f is not None:
+            reason = f"runtime crashed: {f.message} ({reason})"
+        log.warning("renderer %s: child %d ended: %s", self.name, child.pid, reason)
+        return _Outcome(reason, ran_s=max(ran, 0.0))
