@@ -211,7 +211,7 @@ class KioskRoom:
     async def _teardown(self) -> None:
         self.connected_since = None
         self.agent_identity = None
-        tasks, self._tasks = self._tasks, set()
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:

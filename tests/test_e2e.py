@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ ROOM = "lobby"
 
 
 @pytest.fixture
-def kiosk(devserver, tmp_path: Path):  # type: ignore[no-untyped-def]
+async def kiosk(devserver, tmp_path: Path) -> AsyncIterator[KioskProcess]:  # type: ignore[no-untyped-def]
     config = write_kiosk_config(
         tmp_path, url=devserver.url, api_key=devserver.api_key, api_secret=devserver.api_secret,
         room=ROOM, identity=KIOSK, extra="[avatar]\nstall_timeout_s = 1.0\n",
@@ -36,10 +37,11 @@ def kiosk(devserver, tmp_path: Path):  # type: ignore[no-untyped-def]
     process = KioskProcess(config, tmp_path / "kiosk.log")
     process.start()
     try:
-        process.wait_live(timeout_s=60)
+        await process.async_wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0,
+                                     60, "went live")
         yield process
     finally:
-        code = process.stop()
+        code = await asyncio.to_thread(process.stop)
         assert code == 0, f"kiosk did not stop cleanly ({code}):\n{process.log()[-3000:]}"
         log = process.log()
         assert devserver.api_secret not in log, "the LiveKit secret reached the log"
@@ -48,9 +50,12 @@ def kiosk(devserver, tmp_path: Path):  # type: ignore[no-untyped-def]
 def _mouth_activity(viewer: Viewer, start: float, end: float, rest: np.ndarray, box: tuple[int, int, int, int]) -> float:
     """Mean absolute difference of the mouth region from its resting look, over a window."""
     x0, y0, x1, y1 = box
+    window = [f for f in viewer.frames if start <= f.at <= end]
+    sizes = sorted({f.image.shape[:2] for f in window})
+    print(f"frame sizes {start:.1f}..{end:.1f}: {sizes}")
     diffs = [
         np.abs(f.image[y0:y1, x0:x1].astype(np.int16) - rest).mean()
-        for f in viewer.frames if start <= f.at <= end
+        for f in window if f.image.shape[:2] == (512, 512)
     ]
     assert diffs, f"no frames between {start:.2f} and {end:.2f}"
     return float(np.mean(diffs))
@@ -64,11 +69,7 @@ def _audio_rms(viewer: Viewer, start: float, end: float) -> float:
     return float(np.sqrt(np.mean(samples**2)))
 
 
-def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(_scenario(devserver, kiosk))
-
-
-async def _scenario(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
     url, key, secret = devserver.url, devserver.api_key, devserver.api_secret
     viewer = Viewer(KIOSK)
     await viewer.connect(url, make_token(key, secret, ROOM, "viewer"))
