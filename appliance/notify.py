@@ -41,7 +41,7 @@ class Notifier:
         self.watchdog_interval_s = int(usec) / 2e6 if watchdog_for_us and usec else None
         self._last_status = ""
         try:
-            from systemd import daemon  # type: ignore[import-not-found,unused-ignore]
+            from systemd import daemon  # type: ignore[attr-defined,import-not-found,unused-ignore]
 
             self._notify = lambda message: bool(daemon.notify(message))
         except ImportError:
