@@ -18,25 +18,20 @@ import sys
 from pathlib import Path
 
 from appliance import __version__
-from appliance.config import Config, ConfigError, load_config, render_default_toml
+from appliance.config import (
+    ETC_CONFIG,
+    ETC_DROPINS,
+    Config,
+    ConfigError,
+    config_paths,
+    load_config,
+    render_default_toml,
+)
 from appliance.logs import setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
-ETC_CONFIG = Path("/etc/appliance/appliance.toml")
-ETC_DROPINS = Path("/etc/appliance/appliance.d")
-
 log = logging.getLogger("appliance")
-
-
-def config_paths(explicit: list[str] | None) -> list[Path]:
-    """The TOML layers, lowest priority first (the packaged defaults are implicit)."""
-    if explicit:
-        return [Path(p) for p in explicit]
-    paths = [ETC_CONFIG] if ETC_CONFIG.exists() else []
-    if ETC_DROPINS.is_dir():
-        paths += sorted(ETC_DROPINS.glob("*.toml"))
-    return paths
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -99,13 +94,14 @@ def _run_until_signal(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "info")
     try:
         config = _load(args)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("%s", problem)
         return EXIT_CONFIG
+    setup_logging(args.log_level or config.logging.level, config.logging.sdk_level)
     return _run_until_signal(args, config)
 
 
@@ -171,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--dev", action="store_true",
                      help="also start the built-in development LiveKit server and join it")
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="override [logging] level")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate the configuration; exit 0 if usable, 3 if not")
@@ -196,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=8.0, help="how long to record")
     demo.add_argument("--text", default="Hello! Welcome to the museum. I am your avatar guide.",
                       help="sentence to speak (needs espeak-ng; a bundled WAV is used otherwise)")
-    demo.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -122,16 +122,87 @@ class AvatarSection:
 
 
 @dataclass(frozen=True)
+class ModelsSection:
+    directory: str = setting(
+        "/var/lib/appliance/models", "where staged, current and previous models live", reload=False
+    )
+    manifest_url: str = setting(
+        "", "signed update manifest: https:// URL, or a file path for USB/offline installs; empty = no updates"
+    )
+    public_key: str = setting(
+        "", "ed25519 public key (base64) that must have signed the manifest"
+    )
+    check_interval_s: int = setting(3600, "how often to look for a new model", min=60, max=604800)
+    update_window: str = setting(
+        "", "local time window for switching models, e.g. \"02:00-05:00\"; empty = any time"
+    )
+    only_when_idle: bool = setting(True, "switch models only while the avatar is not speaking")
+    keep_previous: int = setting(1, "how many previous models to keep for rollback", min=1, max=10)
+    warmup_timeout_s: float = setting(
+        120.0, "a new model must render healthy frames within this time, or it is marked bad", min=5, max=900
+    )
+
+
+@dataclass(frozen=True)
+class FallbackSection:
+    ladder: tuple[str, ...] = setting(
+        ("local",), "backends to try in order when the one before cannot serve",
+        choices=("local", "gpu", "cloud"),
+    )
+    gpu_api_url: str = setting("", "self-hosted bitHuman GPU container endpoint (https://...)")
+    gpu_api_secret_file: str = setting(
+        "", "file holding the GPU endpoint's secret (mode 0600)", secret_file=True
+    )
+    cloud_avatar_id: str = setting("", "bitHuman cloud avatar id for the cloud backend")
+    unhealthy_after_s: float = setting(
+        10.0, "hand over when the local runtime produced no frame for this long", min=1, max=600
+    )
+    recover_after_s: float = setting(
+        60.0, "take the avatar back once the local runtime has been healthy this long", min=5, max=3600
+    )
+
+
+@dataclass(frozen=True)
+class AudioSection:
+    speaker: str = setting("", "play the avatar's voice on this output device (name); empty = off")
+    microphone: str = setting("", "publish this input device (name) in the room; empty = off")
+    speaker_volume: float = setting(1.0, "local speaker gain", min=0.0, max=2.0)
+
+
+@dataclass(frozen=True)
+class GpioSection:
+    motion_pin: str = setting("", "motion sensor input, e.g. \"GPIO17\"; empty = none")
+    button_pin: str = setting("", "push button input, e.g. \"GPIO27\"; empty = none")
+    led_pin: str = setting("", "status LED output, e.g. \"GPIO22\"; empty = none")
+
+
+@dataclass(frozen=True)
 class StatusSection:
     socket: str = setting(
         "/run/appliance/status.sock", "unix socket that `appliance status` reads", reload=False
+    )
+    http_port: int = setting(
+        0, "serve /healthz and /metrics on 127.0.0.1 at this port; 0 = off", min=0, max=65535, reload=False
+    )
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = setting("info", "log level of the appliance", choices=("debug", "info", "warning", "error"))
+    sdk_level: str = setting(
+        "warning", "log level of the LiveKit and WebRTC libraries", choices=("debug", "info", "warning", "error")
     )
 
 
 SECTIONS: dict[str, type] = {
     "livekit": LiveKitSection,
     "avatar": AvatarSection,
+    "models": ModelsSection,
+    "fallback": FallbackSection,
+    "audio": AudioSection,
+    "gpio": GpioSection,
     "status": StatusSection,
+    "logging": LoggingSection,
 }
 
 
@@ -139,7 +210,12 @@ SECTIONS: dict[str, type] = {
 class Config:
     livekit: LiveKitSection = field(default_factory=LiveKitSection)
     avatar: AvatarSection = field(default_factory=AvatarSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    fallback: FallbackSection = field(default_factory=FallbackSection)
+    audio: AudioSection = field(default_factory=AudioSection)
+    gpio: GpioSection = field(default_factory=GpioSection)
     status: StatusSection = field(default_factory=StatusSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     # secrets read from *_file settings, keyed "section.key" (without _file)
     secrets: Mapping[str, Secret] = field(default_factory=dict)
     # "section.key" -> where the value came from (a file path or "default")
@@ -181,6 +257,11 @@ def iter_settings() -> Iterable[tuple[str, dataclasses.Field[Any]]]:
             yield section, f
 
 
+_TYPES: dict[str, type] = {
+    "str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple,
+}
+
+
 def _type_name(t: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
         t, str(t)
@@ -209,7 +290,16 @@ def _check_value(
 ) -> tuple[Any, Problem | None]:
     key = f"[{section}] {f.name}"
     line = _line_of(text, section, f.name)
-    want = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+    want = _TYPES[str(f.type)]
+    if want is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return None, Problem(path, line, key, f"got {value!r}, expected a list of strings",
+                                 f"write e.g. {f.name} = {_toml_value(f.default)}")
+        bad = [v for v in value if f.metadata["choices"] and v not in f.metadata["choices"]]
+        if bad or not value:
+            return None, Problem(path, line, key, f"got {value!r}",
+                                 f"use a non-empty list of: {', '.join(f.metadata['choices'])}")
+        return tuple(value), None
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -234,6 +324,8 @@ def _check_value(
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -369,7 +461,47 @@ def _cross_checks(sections: Mapping[str, Any], origins: Mapping[str, str]) -> li
     if lk.api_key and not lk.api_secret_file:
         problems.append(Problem(origins.get("livekit.api_key", "default"), None, "[livekit] api_secret_file",
                                 "api_key is set but no secret file", "set api_secret_file to a file holding the secret"))
+    avatar: AvatarSection = sections["avatar"]
+    if avatar.runtime == "bithuman" and not avatar.model:
+        problems.append(Problem(origins.get("avatar.runtime", "default"), None, "[avatar] model",
+                                "runtime is bithuman but no model is set", "set model to the .imx file"))
+    models: ModelsSection = sections["models"]
+    if models.manifest_url and not models.public_key:
+        problems.append(Problem(origins.get("models.manifest_url", "default"), None, "[models] public_key",
+                                "manifest_url is set but no public_key to verify it",
+                                "set public_key to the base64 ed25519 key from `appliance models keygen`"))
+    if models.update_window and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d",
+                                                 models.update_window):
+        problems.append(Problem(origins.get("models.update_window", "default"), None, "[models] update_window",
+                                f"got {models.update_window!r}", 'write HH:MM-HH:MM, e.g. "02:00-05:00"'))
+    fallback: FallbackSection = sections["fallback"]
+    if "gpu" in fallback.ladder and not fallback.gpu_api_url:
+        problems.append(Problem(origins.get("fallback.ladder", "default"), None, "[fallback] gpu_api_url",
+                                "the ladder has gpu but no gpu_api_url", "set gpu_api_url or remove gpu"))
+    if "cloud" in fallback.ladder and not fallback.cloud_avatar_id:
+        problems.append(Problem(origins.get("fallback.ladder", "default"), None, "[fallback] cloud_avatar_id",
+                                "the ladder has cloud but no cloud_avatar_id", "set cloud_avatar_id or remove cloud"))
     return problems
+
+
+# The layers on a kiosk, lowest priority first (the packaged defaults are implicit).
+ETC_CONFIG = Path("/etc/appliance/appliance.toml")
+ETC_DROPINS = Path("/etc/appliance/appliance.d")
+# /boot/firmware/appliance.toml, copied here by appliance-boot-config.service at boot
+# once it validated: the boot partition is FAT and may be yanked, so it is never read live.
+BOOT_IMPORTED = Path("/var/lib/appliance/boot-config.toml")
+
+
+def config_paths(explicit: list[str] | None = None) -> list[Path]:
+    """The TOML layers to read; ``--config`` files replace the kiosk's layers."""
+    if explicit:
+        return [Path(p) for p in explicit]
+    paths = [ETC_CONFIG] if ETC_CONFIG.exists() else []
+    if ETC_DROPINS.is_dir():
+        paths += sorted(ETC_DROPINS.glob("*.toml"))
+    if BOOT_IMPORTED.exists():
+        paths.append(BOOT_IMPORTED)
+    return paths
 
 
 def load_config(paths: list[Path]) -> Config:

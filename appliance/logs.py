@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
-__all__ = ["setup_logging", "STRUCTURED_FIELDS"]
+__all__ = ["setup_logging", "apply_levels", "STRUCTURED_FIELDS"]
 
 STRUCTURED_FIELDS = ("state", "reason", "backend", "model", "room", "agent", "renderer")
 
@@ -40,10 +41,52 @@ class _FieldsFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
+class _SdkFlood(logging.Filter):
+    """Keep the SDKs from flooding the journal (and wearing an SD card) during an outage.
+
+    While the server is unreachable, the livekit SDK logs several warnings per
+    attempt; our own log says why once per outage. The same SDK message (by its
+    first words) passes at most once per ``interval_s``.
+    """
+
+    # An agent that does not wait for playback start never registers this RPC; the
+    # avatar protocol still sends it (as AvatarRunner does), so the error is expected.
+    EXPECTED = ("remote participant didn't register lk.playback_started RPC",)
+
+    def __init__(self, interval_s: float = 300.0) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("livekit", "aiortc", "aioice")):
+            return True
+        message = record.getMessage()
+        if message.startswith(self.EXPECTED):
+            return False
+        key = f"{record.name}:{record.levelno}:{message[:60]}"
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval_s) < self._interval_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+SDK_LOGGERS = ("livekit", "livekit.agents", "aioice", "aiortc")
+
+
+def apply_levels(level: str, sdk_level: str = "warning") -> None:
+    """Set the appliance's and the SDKs' log levels (at start and on reload, in place)."""
+    logging.getLogger().setLevel(level.upper())
+    for name in SDK_LOGGERS:
+        logging.getLogger(name).setLevel(sdk_level.upper())
+
+
+def setup_logging(level: str = "info", sdk_level: str = "warning") -> None:
     root = logging.getLogger()
     root.handlers.clear()
-    root.setLevel(level)
     handler: logging.Handler | None = None
     if _under_journald():
         try:
@@ -57,7 +100,6 @@ def setup_logging(level: str = "INFO") -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_SdkFlood())
     root.addHandler(handler)
-    # the SDKs are chatty at INFO; their warnings still show
-    for noisy in ("livekit", "livekit.agents", "aioice", "aiortc"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    apply_levels(level, sdk_level)

@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from appliance.config import Config, ConfigError
+from appliance.logs import apply_levels
 from appliance.notify import Notifier
 from appliance.reload import diff_configs
 from appliance.renderer import Renderer, RendererSpec
@@ -35,7 +36,7 @@ __all__ = ["Supervisor", "bundled_model", "make_token_source"]
 log = logging.getLogger("appliance.supervisor")
 
 # settings that need a process restart (the others apply live)
-RESTART_ONLY = {"avatar.width", "avatar.height", "status.socket"}
+RESTART_ONLY = {"avatar.width", "avatar.height", "status.socket", "status.http_port", "models.directory"}
 
 # Feed systemd's watchdog only while a frame arrived within this window: the renderer's own
 # restarts (stall_timeout_s + backoff) get this long to recover before systemd restarts us.
@@ -266,6 +267,8 @@ class Supervisor:
             await self._swap_renderer(new)
         elif "avatar.stall_timeout_s" in changed and self.renderer is not None:
             self.renderer.stall_timeout_s = new.avatar.stall_timeout_s
+        if any(key.startswith("logging.") for key in changed):
+            apply_levels(new.logging.level, new.logging.sdk_level)
         if any(key.startswith(("livekit.", "secret livekit")) for key in changed):
             log.info("rejoining: LiveKit settings changed", extra={"room": new.livekit.room})
             await self._stop_room()

@@ -41,7 +41,9 @@ def test_default_file_uncommented_is_valid_and_equal_to_defaults() -> None:
 
 def test_minimal_config(tmp_path: Path) -> None:
     secret = write(tmp_path / "lk.secret", "s3cr3t-value\n", 0o600)
-    path = write(tmp_path / "a.toml", f"""
+    path = write(
+        tmp_path / "a.toml",
+        f"""
 [livekit]
 url = "ws://10.0.0.1:7880"
 room = "hall"
@@ -50,7 +52,8 @@ api_key = "key1"
 api_secret_file = "{secret}"
 [avatar]
 runtime = "reference"
-""")
+""",
+    )
     config = load_config([path])
     assert config.livekit.room == "hall"
     assert config.secret("livekit.api_secret").reveal() == "s3cr3t-value"
@@ -67,26 +70,32 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
 
 
 def test_all_problems_reported_at_once_with_file_line_and_fix(tmp_path: Path) -> None:
-    path = write(tmp_path / "bad.toml", """
+    path = write(
+        tmp_path / "bad.toml",
+        """
 [livekit]
 rom = "typo"
 token_ttl_s = 5
 simulcast = "yes"
 [avatar]
 runtime = "bithumen"
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config([path])
     lines = [str(p) for p in info.value.problems]
     assert len(lines) == 4, lines
     assert f"{path}:3: [livekit] rom: unknown key — did you mean `room`?" in lines
     assert any(f"{path}:4: [livekit] token_ttl_s: got 5, out of range" in line for line in lines)
-    assert any(f"{path}:5: [livekit] simulcast: got 'yes', expected true or false" in line for line in lines)
+    assert any(
+        f"{path}:5: [livekit] simulcast: got 'yes', expected true or false" in line
+        for line in lines
+    )
     assert any("did you mean 'bithuman'" in line for line in lines)
 
 
 def test_syntax_error_names_line(tmp_path: Path) -> None:
-    path = write(tmp_path / "broken.toml", '[livekit]\nroom = lobby\n')
+    path = write(tmp_path / "broken.toml", "[livekit]\nroom = lobby\n")
     with pytest.raises(ConfigError) as info:
         load_config([path])
     assert str(info.value).startswith(f"{path}:2:")
@@ -103,8 +112,12 @@ def test_secret_readable_by_others_is_refused_with_chmod(tmp_path: Path) -> None
 
 
 def test_missing_secret_file_names_setting(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.toml", '[livekit]\napi_key = "k"\napi_secret_file = "/nonexistent/s"\n')
-    with pytest.raises(ConfigError, match=r"\[livekit\] api_secret_file: secret file /nonexistent/s does not exist"):
+    path = write(
+        tmp_path / "a.toml", '[livekit]\napi_key = "k"\napi_secret_file = "/nonexistent/s"\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"\[livekit\] api_secret_file: secret file /nonexistent/s does not exist"
+    ):
         load_config([path])
 
 
@@ -113,13 +126,15 @@ def test_systemd_credential_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     creds.mkdir()
     write(creds / "livekit-secret", "from-systemd", 0o640)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    config = parse_layers([("x.toml", '[livekit]\napi_key = "k"\napi_secret_file = "livekit-secret"\n')])
+    config = parse_layers(
+        [("x.toml", '[livekit]\napi_key = "k"\napi_secret_file = "livekit-secret"\n')]
+    )
     assert config.secret("livekit.api_secret").reveal() == "from-systemd"
 
 
 def test_check_command_exit_codes(tmp_path: Path) -> None:
     good = write(tmp_path / "good.toml", '[livekit]\nroom = "lobby"\n')
-    bad = write(tmp_path / "bad.toml", '[livekit]\nroom = 3\n')
+    bad = write(tmp_path / "bad.toml", "[livekit]\nroom = 3\n")
     env = dict(os.environ)
     run = [sys.executable, "-m", "appliance", "check", "--config"]
     ok = subprocess.run(run + [str(good)], capture_output=True, text=True, env=env)

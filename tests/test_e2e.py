@@ -31,14 +31,20 @@ ROOM = "lobby"
 @pytest.fixture
 async def kiosk(devserver, tmp_path: Path) -> AsyncIterator[KioskProcess]:  # type: ignore[no-untyped-def]
     config = write_kiosk_config(
-        tmp_path, url=devserver.url, api_key=devserver.api_key, api_secret=devserver.api_secret,
-        room=ROOM, identity=KIOSK, extra="[avatar]\nstall_timeout_s = 1.0\n",
+        tmp_path,
+        url=devserver.url,
+        api_key=devserver.api_key,
+        api_secret=devserver.api_secret,
+        room=ROOM,
+        identity=KIOSK,
+        extra="[avatar]\nstall_timeout_s = 1.0\n",
     )
     process = KioskProcess(config, tmp_path / "kiosk.log")
     process.start()
     try:
-        await process.async_wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0,
-                                     60, "went live")
+        await process.async_wait_for(
+            lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0, 60, "went live"
+        )
         yield process
     finally:
         code = await asyncio.to_thread(process.stop)
@@ -47,7 +53,9 @@ async def kiosk(devserver, tmp_path: Path) -> AsyncIterator[KioskProcess]:  # ty
         assert devserver.api_secret not in log, "the LiveKit secret reached the log"
 
 
-def _mouth_activity(viewer: Viewer, start: float, end: float, rest: np.ndarray, box: tuple[int, int, int, int]) -> float:
+def _mouth_activity(
+    viewer: Viewer, start: float, end: float, rest: np.ndarray, box: tuple[int, int, int, int]
+) -> float:
     """Mean absolute difference of the mouth region from its resting look, over a window."""
     x0, y0, x1, y1 = box
     window = [f for f in viewer.frames if start <= f.at <= end]
@@ -55,7 +63,8 @@ def _mouth_activity(viewer: Viewer, start: float, end: float, rest: np.ndarray, 
     print(f"frame sizes {start:.1f}..{end:.1f}: {sizes}")
     diffs = [
         np.abs(f.image[y0:y1, x0:x1].astype(np.int16) - rest).mean()
-        for f in window if f.image.shape[:2] == (512, 512)
+        for f in window
+        if f.image.shape[:2] == (512, 512)
     ]
     assert diffs, f"no frames between {start:.2f} and {end:.2f}"
     return float(np.mean(diffs))
@@ -106,7 +115,9 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     assert _audio_rms(viewer, speech_start + 0.5, speech_end - 0.5) > 500
     await asyncio.sleep(1.5)
     after = time.monotonic()
-    assert _mouth_activity(viewer, after - 1.0, after, rest, box) < max(2 * idle_activity, idle_activity + 3)
+    assert _mouth_activity(viewer, after - 1.0, after, rest, box) < max(
+        2 * idle_activity, idle_activity + 3
+    )
     assert _audio_rms(viewer, after - 1.0, after) < 200
 
     # -- barge-in: clear_buffer() stops the avatar early and reports an interrupted playback
@@ -130,8 +141,10 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     killed_at = time.monotonic()
     os.kill(first_renderer, signal.SIGKILL)
     status = await kiosk.async_wait_for(
-        lambda s: s["renderer"]["restarts"] >= 1 and s["renderer"]["state"] == "running", 20,
-        "recovered from SIGKILL")
+        lambda s: s["renderer"]["restarts"] >= 1 and s["renderer"]["state"] == "running",
+        20,
+        "recovered from SIGKILL",
+    )
     await _wait_frames_after(viewer, time.monotonic())
     assert status["renderer"]["pid"] != first_renderer
     assert kiosk.proc is not None and kiosk.proc.pid == supervisor_pid and kiosk.proc.poll() is None
@@ -143,19 +156,27 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     stopped_at = time.monotonic()
     os.kill(stopped, signal.SIGSTOP)
     await kiosk.async_wait_for(
-        lambda s: s["renderer"]["restarts"] >= 2 and s["renderer"]["state"] == "running", 20,
-        "recovered from SIGSTOP")
+        lambda s: s["renderer"]["restarts"] >= 2 and s["renderer"]["state"] == "running",
+        20,
+        "recovered from SIGSTOP",
+    )
     await _wait_frames_after(viewer, time.monotonic())
-    print(f"gap after renderer SIGSTOP (stall_timeout_s = 1.0): {_max_gap_ms(viewer, stopped_at):.0f} ms")
+    print(
+        f"gap after renderer SIGSTOP (stall_timeout_s = 1.0): {_max_gap_ms(viewer, stopped_at):.0f} ms"
+    )
     with_reason = kiosk.log()
-    assert "SIGKILL" in with_reason or "killed" in with_reason or "died" in with_reason, with_reason[-2000:]
+    assert "SIGKILL" in with_reason or "killed" in with_reason or "died" in with_reason, (
+        with_reason[-2000:]
+    )
     assert "stall" in with_reason.lower() or "no frame" in with_reason.lower(), with_reason[-2000:]
 
     await voice.close()
     await viewer.close()
 
 
-async def _wait_frames_after(viewer: Viewer, since: float, count: int = 10, timeout_s: float = 10) -> None:
+async def _wait_frames_after(
+    viewer: Viewer, since: float, count: int = 10, timeout_s: float = 10
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if len([t for t in viewer.frame_times if t > since]) >= count:
