@@ -39,6 +39,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.files:
+        return _check_each(args.files)
     paths = config_paths(args.config)
     try:
         load_config(paths)
@@ -50,6 +52,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     shown = ", ".join(str(p) for p in paths) or "built-in defaults"
     print(f"ok: {shown}")
     return EXIT_OK
+
+
+def _check_each(targets: list[str]) -> int:
+    """Check files (or every *.toml in directories) one by one, each on its own."""
+    files: list[Path] = []
+    for target in targets:
+        path = Path(target)
+        files += sorted(path.glob("*.toml")) if path.is_dir() else [path]
+    bad = 0
+    for path in files:
+        try:
+            load_config([path])
+            print(f"ok: {path}")
+        except ConfigError as exc:
+            bad += 1
+            for problem in exc.problems:
+                print(problem)
+    print(f"{len(files) - bad} of {len(files)} file(s) valid")
+    return EXIT_CONFIG if bad else EXIT_OK
 
 
 def _run_until_signal(args: argparse.Namespace, config: Config) -> int:
@@ -173,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the configuration; exit 0 if usable, 3 if not")
     with_config(check)
+    check.add_argument("files", nargs="*", metavar="FILE_OR_DIR",
+                       help="check these files (or every *.toml in these directories) each on its own")
     check.set_defaults(func=cmd_check)
 
     config = sub.add_parser("config", help="show the effective configuration or the defaults")

@@ -356,6 +356,9 @@ def _merge_layer(
             if f is None:
                 close = difflib.get_close_matches(key, fields, n=1)
                 fix = f"did you mean `{close[0]}`?" if close else f"keys: {', '.join(fields)}"
+                if f"{key}_file" in fields:
+                    fix = (f"secrets are never written in the TOML: put it in a file (chmod 600)"
+                           f" and set `{key}_file` to its path")
                 problems.append(
                     Problem(path, _line_of(text, section, key), f"[{section}] {key}", "unknown key", fix)
                 )
@@ -415,10 +418,9 @@ def parse_layers(layers: list[tuple[str, str]]) -> Config:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            line = getattr(exc, "lineno", None)
             match = re.search(r"line (\d+), column (\d+)", str(exc))
-            if match:
-                line = int(match.group(1))
+            # "at end of document" has no position: the last line is where it went wrong
+            line = int(match.group(1)) if match else text.count("\n") + 1
             problems.append(Problem(path, line, "", f"TOML syntax error: {exc}",
                                     "fix the line (strings need quotes, tables need [brackets])"))
             continue
@@ -442,44 +444,52 @@ def parse_layers(layers: list[tuple[str, str]]) -> Config:
         elif secret:
             secrets[f"{section}.{f.name.removesuffix('_file')}"] = secret
 
-    problems.extend(_cross_checks(sections, origins))
+    problems.extend(_cross_checks(sections, origins, dict(layers)))
     if problems:
         raise ConfigError(problems)
     return Config(**sections, secrets=secrets, origins=origins)
 
 
-def _cross_checks(sections: Mapping[str, Any], origins: Mapping[str, str]) -> list[Problem]:
+def _cross_checks(
+    sections: Mapping[str, Any], origins: Mapping[str, str], texts: Mapping[str, str]
+) -> list[Problem]:
+    """Rules that involve several settings; each problem points at where a value was set."""
+
+    def where(name: str) -> tuple[str, int | None]:
+        path = origins.get(name, "default")
+        section, key = name.split(".")
+        return path, _line_of(texts.get(path, ""), section, key)
+
     problems = []
     lk: LiveKitSection = sections["livekit"]
-    where = origins.get("livekit.url", "default")
     if not re.match(r"^wss?://", lk.url):
-        problems.append(Problem(where, None, "[livekit] url", f"got {lk.url!r}",
+        problems.append(Problem(*where("livekit.url"), "[livekit] url", f"got {lk.url!r}",
                                 "use ws://host:7880 or wss://host"))
     if lk.api_key and lk.token_url:
-        problems.append(Problem(origins.get("livekit.token_url", "default"), None, "[livekit] token_url",
+        problems.append(Problem(*where("livekit.token_url"), "[livekit] token_url",
                                 "both api_key and token_url are set", "keep only one of them"))
     if lk.api_key and not lk.api_secret_file:
-        problems.append(Problem(origins.get("livekit.api_key", "default"), None, "[livekit] api_secret_file",
+        problems.append(Problem(*where("livekit.api_key"), "[livekit] api_secret_file",
                                 "api_key is set but no secret file", "set api_secret_file to a file holding the secret"))
     avatar: AvatarSection = sections["avatar"]
     if avatar.runtime == "bithuman" and not avatar.model:
-        problems.append(Problem(origins.get("avatar.runtime", "default"), None, "[avatar] model",
+        problems.append(Problem(*where("avatar.runtime"), "[avatar] model",
                                 "runtime is bithuman but no model is set", "set model to the .imx file"))
     models: ModelsSection = sections["models"]
     if models.manifest_url and not models.public_key:
-        problems.append(Problem(origins.get("models.manifest_url", "default"), None, "[models] public_key",
+        problems.append(Problem(*where("models.manifest_url"), "[models] public_key",
                                 "manifest_url is set but no public_key to verify it",
                                 "set public_key to the base64 ed25519 key from `appliance models keygen`"))
     if models.update_window and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d",
                                                  models.update_window):
-        problems.append(Problem(origins.get("models.update_window", "default"), None, "[models] update_window",
+        problems.append(Problem(*where("models.update_window"), "[models] update_window",
                                 f"got {models.update_window!r}", 'write HH:MM-HH:MM, e.g. "02:00-05:00"'))
     fallback: FallbackSection = sections["fallback"]
     if "gpu" in fallback.ladder and not fallback.gpu_api_url:
-        problems.append(Problem(origins.get("fallback.ladder", "default"), None, "[fallback] gpu_api_url",
+        problems.append(Problem(*where("fallback.ladder"), "[fallback] gpu_api_url",
                                 "the ladder has gpu but no gpu_api_url", "set gpu_api_url or remove gpu"))
     if "cloud" in fallback.ladder and not fallback.cloud_avatar_id:
-        problems.append(Problem(origins.get("fallback.ladder", "default"), None, "[fallback] cloud_avatar_id",
+        problems.append(Problem(*where("fallback.ladder"), "[fallback] cloud_avatar_id",
                                 "the ladder has cloud but no cloud_avatar_id", "set cloud_avatar_id or remove cloud"))
     return problems
 
@@ -545,6 +555,15 @@ def render_default_toml() -> str:
             out.append(f"# {meta['help']}" + (f" ({'; '.join(extra)})" if extra else ""))
             out.append(f"# {f.name} = {_toml_value(f.default)}")
     return "\n".join(out) + "\n"
+
+
+def effective_values(config: Config) -> dict[str, Any]:
+    """``section.key`` → value for every setting (secret *files* are paths, never secrets)."""
+    values: dict[str, Any] = {}
+    for section, f in iter_settings():
+        value = getattr(getattr(config, section), f.name)
+        values[f"{section}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return values
 
 
 def describe(config: Config) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from appliance.config import Config, ConfigError
+from appliance.config import Config, ConfigError, effective_values
 from appliance.logs import apply_levels
 from appliance.notify import Notifier
 from appliance.reload import diff_configs
@@ -371,5 +371,6 @@ class Supervisor:
             "agent": room.agent_identity if room else None,
             "problem": self.problem or None,
             "config_problems": self.config_problems,
+            "config": effective_values(self.config),
             "last_reload": self.last_reload or None,
         }

@@ -142,3 +142,49 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     failed = subprocess.run(run + [str(bad)], capture_output=True, text=True, env=env)
     assert failed.returncode == 3
     assert f"{bad}:2: [livekit] room: got 3, expected a string" in failed.stderr
+
+
+# -- the corpus of broken configs: every one is refused with file, line or key, and a fix --
+
+BROKEN = sorted((ROOT / "tests" / "configs" / "broken").glob("*.toml"))
+EXPECTED = {
+    "bad-choice.toml": ":2: [avatar] runtime: got 'bithumann' — did you mean 'bithuman'?",
+    "bad-ladder.toml": ":2: [fallback] gpu_api_url: the ladder has gpu but no gpu_api_url",
+    "bad-url.toml": ":2: [livekit] url: got 'http://livekit.example.com' — use ws://",
+    "bad-window.toml": ":4: [models] update_window: got '2am-5am'",
+    "bithuman-without-model.toml": ":2: [avatar] model: runtime is bithuman but no model is set",
+    "inline-secret.toml": ":3: [livekit] api_secret: unknown key — secrets are never written in the TOML",
+    "out-of-range.toml": ":2: [livekit] token_ttl_s: got 10, out of range — use a value from 60 to 86400",
+    "several-problems.toml": ":3: [livekit] identty: unknown key — did you mean `identity`?",
+    "syntax-missing-bracket.toml": ":1: TOML syntax error",
+    "syntax-unquoted-string.toml": ":2: TOML syntax error",
+    "unknown-key-typo.toml": ":2: [livekit] rooom: unknown key — did you mean `room`?",
+    "unknown-section.toml": ":1: [avatr]: unknown section — did you mean [avatar]?",
+    "wrong-type.toml": ":2: [avatar] stall_timeout_s: got 'two', expected a number",
+}
+
+
+def test_corpus_is_covered() -> None:
+    assert {p.name for p in BROKEN} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.name)
+def test_broken_config_is_explained(path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([path])
+    lines = [str(p) for p in info.value.problems]
+    assert any(line.startswith(f"{path}{EXPECTED[path.name]}") for line in lines), lines
+    for problem in info.value.problems:
+        assert problem.path == str(path)
+        assert problem.line or problem.key, problem
+        assert problem.fix, f"no fix offered: {problem}"
+    assert "do-not-put-secrets-here" not in "\n".join(lines)
+
+
+def test_check_command_on_the_corpus_directory() -> None:
+    result = subprocess.run([sys.executable, "-m", "appliance", "check", str(BROKEN[0].parent)],
+                            capture_output=True, text=True)
+    assert result.returncode == 3
+    for path in BROKEN:
+        assert str(path) in result.stdout, path
+    assert f"0 of {len(BROKEN)} file(s) valid" in result.stdout
