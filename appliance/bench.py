@@ -58,9 +58,10 @@ def write_kiosk_config(
 class KioskProcess:
     """`appliance run` as a child process, the way systemd runs it."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_path = log
+        self.env = env
         self.socket = str(config.parent / "status.sock")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -68,7 +69,7 @@ class KioskProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})},
             )
 
     def status(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from appliance.config import (
     ConfigError,
     config_paths,
     load_config,
+    load_last_good,
     render_default_toml,
 )
 from appliance.logs import setup_logging
@@ -73,7 +74,8 @@ def _check_each(targets: list[str]) -> int:
     return EXIT_CONFIG if bad else EXIT_OK
 
 
-def _run_until_signal(args: argparse.Namespace, config: Config) -> int:
+def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[str]) -> int:
+    from appliance.dev import dev_overrides, start_dev_server
     from appliance.reload import ConfigWatcher
     from appliance.supervisor import Supervisor
 
@@ -83,11 +85,10 @@ def _run_until_signal(args: argparse.Namespace, config: Config) -> int:
         server = None
         load = lambda: load_config(paths)  # noqa: E731
         if args.dev:
-            from appliance.dev import dev_overrides, start_dev_server
-
             server = await start_dev_server()
             load = lambda: dev_overrides(load_config(paths))  # noqa: E731
-        supervisor = Supervisor(load() if args.dev else config, load=load)
+        supervisor = Supervisor(dev_overrides(config) if args.dev else config, load=load)
+        supervisor.config_problems = problems
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.request_stop)
@@ -116,14 +117,23 @@ def _run_until_signal(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "info")
+    problems: list[str] = []
     try:
         config = _load(args)
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("%s", problem)
-        return EXIT_CONFIG
+        problems = [str(p) for p in exc.problems]
+        for line in problems:
+            log.error("%s", line, extra={"reason": line})
+        # a typo must not brick the kiosk: run on what still works, and say why
+        fallback = exc.usable or load_last_good()
+        if fallback is None:
+            log.error("no usable configuration and no last good one: exiting")
+            return EXIT_CONFIG
+        what = "the valid part of it (without the secrets above)" if exc.usable else "the last good configuration"
+        log.warning("the configuration has problems; running on %s", what)
+        config = fallback
     setup_logging(args.log_level or config.logging.level, config.logging.sdk_level)
-    return _run_until_signal(args, config)
+    return _run_until_signal(args, config, problems)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

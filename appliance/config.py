@@ -243,10 +243,15 @@ class Problem:
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; ``problems`` lists every reason."""
+    """The configuration cannot be used as written; ``problems`` lists every reason.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    ``usable`` is set when the only problems are unreadable secrets: the rest of
+    the config is valid, so the kiosk can still render (and say why it cannot join).
+    """
+
+    def __init__(self, problems: list[Problem], usable: Config | None = None) -> None:
         self.problems = problems
+        self.usable = usable
         super().__init__("\n".join(str(p) for p in problems))
 
 
@@ -430,7 +435,10 @@ def parse_layers(layers: list[tuple[str, str]]) -> Config:
     for name, cls in SECTIONS.items():
         sections[name] = cls(**merged.get(name, {}))
 
+    texts = dict(layers)
+    problems.extend(_cross_checks(sections, origins, texts))
     secrets: dict[str, Secret] = {}
+    secret_problems: list[Problem] = []
     for section, f in iter_settings():
         if not f.metadata["secret_file"]:
             continue
@@ -440,13 +448,16 @@ def parse_layers(layers: list[tuple[str, str]]) -> Config:
         origin = origins.get(f"{section}.{f.name}", "default")
         secret, problem = read_secret_file(reference, f"[{section}] {f.name}", origin)
         if problem:
-            problems.append(problem)
+            secret_line = _line_of(texts.get(origin, ""), section, f.name)
+            secret_problems.append(dataclasses.replace(problem, line=secret_line))
         elif secret:
             secrets[f"{section}.{f.name.removesuffix('_file')}"] = secret
 
-    problems.extend(_cross_checks(sections, origins, dict(layers)))
-    if problems:
-        raise ConfigError(problems)
+    if problems or secret_problems:
+        usable = None
+        if not problems:
+            usable = Config(**sections, secrets=secrets, origins=origins)
+        raise ConfigError(problems + secret_problems, usable)
     return Config(**sections, secrets=secrets, origins=origins)
 
 
@@ -500,6 +511,41 @@ ETC_DROPINS = Path("/etc/appliance/appliance.d")
 # /boot/firmware/appliance.toml, copied here by appliance-boot-config.service at boot
 # once it validated: the boot partition is FAT and may be yanked, so it is never read live.
 BOOT_IMPORTED = Path("/var/lib/appliance/boot-config.toml")
+
+
+def last_good_path() -> Path | None:
+    """Where the last configuration that loaded is kept: systemd's StateDirectory."""
+    directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not directory and os.access("/var/lib/appliance", os.W_OK):
+        directory = "/var/lib/appliance"
+    return Path(directory) / "last-good.toml" if directory else None
+
+
+def save_last_good(config: Config) -> None:
+    """Atomically keep a snapshot of a config that loaded (best effort: a full disk only warns)."""
+    path = last_good_path()
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(render_snapshot(config))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        import logging
+
+        logging.getLogger("appliance.config").warning("cannot keep the last good config in %s: %s", path, exc)
+
+
+def load_last_good() -> Config | None:
+    path = last_good_path()
+    if path is None or not path.exists():
+        return None
+    try:
+        return load_config([path])
+    except ConfigError as exc:
+        return exc.usable
 
 
 def config_paths(explicit: list[str] | None = None) -> list[Path]:
@@ -564,6 +610,18 @@ def effective_values(config: Config) -> dict[str, Any]:
         value = getattr(getattr(config, section), f.name)
         values[f"{section}.{f.name}"] = list(value) if isinstance(value, tuple) else value
     return values
+
+
+def render_snapshot(config: Config) -> str:
+    """The config as one TOML file (non-default values; secrets only as file paths)."""
+    out = ["# the last configuration that loaded; used when the current one cannot be"]
+    for section, cls in SECTIONS.items():
+        body, default = getattr(config, section), cls()
+        changed = [f for f in dataclasses.fields(body) if getattr(body, f.name) != getattr(default, f.name)]
+        if changed:
+            out.append(f"[{section}]")
+            out += [f"{f.name} = {_toml_value(getattr(body, f.name))}" for f in changed]
+    return "\n".join(out) + "\n"
 
 
 def describe(config: Config) -> str:

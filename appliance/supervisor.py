@@ -20,7 +20,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from appliance.config import Config, ConfigError, effective_values
+from appliance.config import Config, ConfigError, effective_values, save_last_good
 from appliance.logs import apply_levels
 from appliance.notify import Notifier
 from appliance.reload import diff_configs
@@ -126,6 +126,8 @@ class Supervisor:
 
     async def start(self) -> None:
         """Warm the renderer (first frames flowing), then join the room in the background."""
+        if not self.config_problems:
+            save_last_good(self.config)
         self.renderer = await self._start_renderer(self.config)
         self._tasks.append(asyncio.create_task(self._pump_frames(), name="frame-pump"))
         self._start_room(self.config)
@@ -254,6 +256,7 @@ class Supervisor:
                 return True
             log.info("config reloaded (%s): %s changed", trigger, ", ".join(changed))
             await self._apply(new, changed)
+            save_last_good(new)
             self.last_reload = f"{', '.join(changed)} ({trigger})"
             return True
 
