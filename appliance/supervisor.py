@@ -54,6 +54,11 @@ def make_token_source(config: Config) -> TokenSource:
         return FetchedTokens(url=lk.token_url, room=lk.room, identity=lk.identity,
                              timeout_s=lk.connect_timeout_s)
     secret = config.secret("livekit.api_secret")
+    if lk.api_key and lk.api_secret_file and secret is None:
+        raise TokenError(
+            f"[livekit] api_secret_file: the secret in {lk.api_secret_file} could not be read (see above);"
+            " not joining — fix the file, then `systemctl reload appliance`"
+        )
     if not lk.api_key or secret is None:
         raise TokenError(
             "[livekit] api_key / api_secret_file / token_url: no way to get a join token"
