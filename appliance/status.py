@@ -75,3 +75,77 @@ def format_status(status: dict[str, Any]) -> str:
     if status.get("problem"):
         lines.append(f"  problem:  {status['problem']}")
     return "\n".join(lines)
+
+
+class HealthServer:
+    """Optional localhost HTTP: /healthz (alive: frames flow), /readyz (serving the room), /metrics.
+
+    Liveness and readiness are kept apart on purpose: a kiosk whose network is
+    down is not dead (restarting it would not help), it is only not ready.
+    """
+
+    def __init__(self, port: int, snapshot: Callable[[], dict[str, Any]], host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self._snapshot = snapshot
+        self._runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, request: Any) -> Any:
+        from aiohttp import web
+
+        status = self._snapshot()
+        alive = status["fps_10s"] > 0 or status["renderer"]["state"] == "failed"
+        return web.json_response({"alive": alive, "status": status["status"]}, status=200 if alive else 503)
+
+    async def _readyz(self, request: Any) -> Any:
+        from aiohttp import web
+
+        status = self._snapshot()
+        ready = status["fps_10s"] > 0 and status["room"]["state"] in ("live", "reconnecting")
+        return web.json_response({"ready": ready, "status": status["status"]}, status=200 if ready else 503)
+
+    async def _metrics(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.Response(text=prometheus_text(self._snapshot()),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+
+def prometheus_text(status: dict[str, Any]) -> str:
+    """Prometheus text exposition format (version 0.0.4)."""
+    renderer, room = status["renderer"], status["room"]
+    metrics = [
+        ("appliance_up", "gauge", "1 while the supervisor answers", 1),
+        ("appliance_uptime_seconds", "gauge", "seconds since the supervisor started", status["uptime_s"]),
+        ("appliance_frames_per_second", "gauge", "rendered frames per second over 10 s", status["fps_10s"]),
+        ("appliance_frames_published_total", "counter", "frames published in the room (this connection)",
+         room["frames_published"]),
+        ("appliance_renderer_restarts_total", "counter", "renderer child restarts", renderer["restarts"]),
+        ("appliance_room_connected", "gauge", "1 while live in the room", int(room["state"] == "live")),
+        ("appliance_config_problems", "gauge", "problems in the current config files",
+         len(status.get("config_problems") or [])),
+    ]
+    lines = []
+    for name, kind, help_text, value in metrics:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
+    state = renderer["state"] or "stopped"
+    lines += ["# HELP appliance_renderer_state the renderer's state (1 for the current one)",
+              "# TYPE appliance_renderer_state gauge",
+              f'appliance_renderer_state{{state="{state}"}} 1']
+    return "\n".join(lines) + "\n"

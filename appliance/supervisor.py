@@ -28,7 +28,7 @@ from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
 from appliance.runtime import RuntimeFailure, VideoSpec
 from appliance.states import RendererState
-from appliance.status import StatusServer
+from appliance.status import HealthServer, StatusServer
 from appliance.tokens import FetchedTokens, MintedTokens, TokenError, TokenSource
 
 __all__ = ["Supervisor", "bundled_model", "make_token_source"]
@@ -193,11 +193,22 @@ class Supervisor:
         except OSError as exc:
             log.warning("[status] socket: cannot listen on %s (%s) — `appliance status` will not work",
                         self.config.status.socket, exc)
+        health = None
+        if self.config.status.http_port:
+            health = HealthServer(self.config.status.http_port, self.status)
+            try:
+                await health.start()
+            except OSError as exc:
+                log.warning("[status] http_port: cannot listen on 127.0.0.1:%d (%s)",
+                            self.config.status.http_port, exc)
+                health = None
         await self.start()
         self._tasks.append(asyncio.create_task(self._report_loop(), name="report"))
         await self._stop.wait()
         self.notifier.stopping()
         await status.close()
+        if health is not None:
+            await health.close()
         await self.close()
 
     def request_stop(self) -> None:

@@ -1,0 +1,217 @@
+"""The HTTP side of the dev server: routes, authentication, start and stop.
+
+Routes, as the livekit SDKs use them:
+
+* `GET /rtc/v1` -> 404.  Newer SDKs try this single-PeerConnection signalling path
+  first and fall back to the classic path on 404, exactly as against an older
+  livekit-server.  We serve only the classic two-PeerConnection protocol.
+* `GET /rtc` (WebSocket) -> the signalling session.  Token in
+  `Authorization: Bearer` (or `?access_token=`).  `?reconnect=1` (a resume) is
+  answered with a LeaveRequest(RECONNECT): we keep no state to resume from, so the
+  SDK falls back to a full reconnect (new join, tracks republished).
+* `GET /rtc/validate` -> 200, or 401 with the reason; the SDK calls it after a
+  failed connect and puts that text in its error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from aiohttp import web
+from livekit.protocol import models, rtc
+
+from appliance.devserver import auth
+from appliance.devserver.room import Participant, Room
+from appliance.devserver.session import PING_INTERVAL, PING_TIMEOUT, ParticipantSession
+
+log = logging.getLogger(__name__)
+
+
+def _token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query.get("access_token")
+
+
+class DevServer:
+    """A small LiveKit-compatible SFU for development and tests.
+
+    >>> server = DevServer(host="10.213.0.1", port=7880, api_key="devkey", api_secret="...")
+    >>> await server.start()     # listening; server.url == "ws://10.213.0.1:7880"
+    >>> server.participants("room")
+    >>> await server.stop()      # every connection and PC closed, port free again
+
+    `port=0` picks a free port (see `server.port` after `start()`); `start()` may be
+    called again after `stop()`, on the same port, to simulate an outage.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 7880,
+        api_key: str = "devkey",
+        api_secret: str = "",
+    ) -> None:
+        if not api_secret:
+            raise ValueError("api_secret must not be empty")
+        self.host = host
+        self.port = port
+        self.api_key = api_key
+        self.api_secret = api_secret
+        self.rooms: dict[str, Room] = {}
+        self._runner: web.AppRunner | None = None
+        self._sessions: set[ParticipantSession] = set()
+        self._session_tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    def participants(self, room: str) -> list[str]:
+        """Identities currently joined to `room`."""
+        r = self.rooms.get(room)
+        return sorted(r.participants) if r else []
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("DevServer already started")
+        app = web.Application()
+        app.router.add_get("/rtc/v1", self._not_found)
+        app.router.add_get("/rtc/validate", self._validate)
+        app.router.add_get("/rtc/v1/validate", self._validate)
+        app.router.add_get("/rtc", self._signal)
+        app.router.add_get("/", self._health)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        if self.port == 0:
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            for sock in sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    self.port = sock.getsockname()[1]
+                    break
+        self._runner = runner
+        log.info("LiveKit dev server listening on %s", self.url)
+
+    async def stop(self) -> None:
+        """Drop every client abruptly (like a crashed server) and free the port."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        sessions = list(self._sessions)
+        await asyncio.gather(
+            *(s.ws.close(code=1001, message=b"server stopping") for s in sessions),
+            return_exceptions=True,
+        )
+        for session in sessions:
+            await session.close()
+        tasks = list(self._session_tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await runner.shutdown()
+        await runner.cleanup()
+        self.rooms.clear()
+        log.info("LiveKit dev server on %s stopped", self.url)
+
+    async def __aenter__(self) -> DevServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _room_emptied(self, room: Room) -> None:
+        if not room.participants and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+
+    # -- handlers ---------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        # Make the SDK fall back from /rtc/v1 (single PC) to /rtc (two PCs).
+        return web.Response(status=404, text="single peer connection signalling not supported")
+
+    async def _validate(self, request: web.Request) -> web.Response:
+        try:
+            auth.verify(_token(request), self.api_key, self.api_secret)
+        except auth.AuthError as exc:
+            return web.Response(status=401, text=str(exc))
+        return web.Response(text="success")
+
+    async def _signal(self, request: web.Request) -> web.StreamResponse:
+        try:
+            grant = auth.verify(_token(request), self.api_key, self.api_secret)
+        except auth.AuthError as exc:
+            log.warning("refused connection from %s: %s", request.remote, exc)
+            return web.Response(status=401, text=str(exc))
+
+        # The SDK pings every PING_INTERVAL s: silence for longer than its own ping
+        # timeout means the client is gone without closing (e.g. its network died).
+        ws = web.WebSocketResponse(
+            heartbeat=None,
+            receive_timeout=PING_TIMEOUT + PING_INTERVAL,
+            timeout=2.0,  # close handshake
+            max_msg_size=16 * 1024 * 1024,
+        )
+        await ws.prepare(request)
+
+        if request.query.get("reconnect") == "1":
+            # Nothing to resume (we restarted, or the session is gone): ask for a full
+            # reconnect, which the SDK then does with a fresh join.
+            leave = rtc.LeaveRequest(
+                can_reconnect=True,
+                reason=models.DisconnectReason.STATE_MISMATCH,
+                action=rtc.LeaveRequest.Action.RECONNECT,
+            )
+            await ws.send_bytes(rtc.SignalResponse(leave=leave).SerializeToString())
+            await ws.close()
+            return ws
+
+        room = self.rooms.get(grant.room)
+        if room is None:
+            room = self.rooms[grant.room] = Room(name=grant.room)
+        old = room.participants.get(grant.identity)
+        if old is not None and old.session is not None:
+            # Same identity joining again: the newcomer wins, as in livekit-server.
+            await old.session.close(
+                rtc.LeaveRequest(
+                    reason=models.DisconnectReason.DUPLICATE_IDENTITY,
+                    action=rtc.LeaveRequest.Action.DISCONNECT,
+                )
+            )
+        try:
+            client_protocol = int(request.query.get("client_protocol", "0"))
+        except ValueError:
+            client_protocol = 0
+        participant = Participant(grant=grant, client_protocol=client_protocol)
+        # The room may have been emptied (and dropped) while the old session closed.
+        room = self.rooms.setdefault(grant.room, room)
+        room.participants[grant.identity] = participant
+        session = ParticipantSession(self, ws, room, participant)
+        log.info("%s joined %s as %s", grant.identity, room.name, participant.sid)
+
+        self._sessions.add(session)
+        task = asyncio.current_task()
+        if task is not None:
+            self._session_tasks.add(task)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            if task is not None:
+                self._session_tasks.discard(task)
+        return ws
