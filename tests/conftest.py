@@ -1,7 +1,7 @@
 """Shared test setup: a private network namespace for media, and a LiveKit dev server.
 
 * When running as root, `pytest_configure` moves the whole test process into a
-  fresh network namespace (`tests/netns.py`) before anything starts a thread, so
+  fresh network namespace (`appliance/netns.py`, shared with the benchmark) before anything starts a thread, so
   libwebrtc (livekit FFI), aiortc and every child process live in it: they can
   reach `lo` and the namespace's own veth addresses, and nothing else.  The
   namespace is removed in `pytest_unconfigure`.  Not root: tests that ask for
@@ -16,14 +16,11 @@
 from __future__ import annotations
 
 import inspect
-import os
-import sys
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import netns  # noqa: E402  (tests/ is not a package)
+from appliance import netns
 
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "test-secret-0123456789abcdef0123456789"

@@ -9,7 +9,7 @@ nothing in it routes anywhere else.
 `setns()` only moves the calling thread; threads and child processes created
 afterwards inherit its namespace.  That is why `enter()` must run on the main
 thread before anything (the livekit FFI runtime, aiortc's executors) starts a
-thread: see `tests/conftest.py`, which does it in `pytest_configure`.
+thread: see `tests/conftest.py` (in `pytest_configure`) and `appliance/bench.py`.
 """
 
 from __future__ import annotations
