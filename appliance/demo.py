@@ -174,20 +174,26 @@ class Viewer:
         vstream = container.add_stream("mpeg4", rate=25)
         vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
         astream = container.add_stream("aac", rate=self.audio_rate)
-        t0 = self.frames[0].at
+        t0, last_pts = self.frames[0].at, -1
         for frame in self.frames:
             vf = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
-            vf.pts = int(round((frame.at - t0) * 25))
+            # arrival time decides the pts; it must still grow strictly
+            vf.pts = last_pts = max(last_pts + 1, int(round((frame.at - t0) * 25)))
             for packet in vstream.encode(vf):
                 container.mux(packet)
         for packet in vstream.encode():
             container.mux(packet)
         if self.audio:
-            pcm = np.concatenate(self.audio).reshape(1, -1)
-            af = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-            af.sample_rate = self.audio_rate
-            for packet in astream.encode(af):
-                container.mux(packet)
+            pcm = np.concatenate(self.audio)
+            step = astream.codec_context.frame_size or 1024  # AAC takes fixed-size frames
+            for index, offset in enumerate(range(0, len(pcm), step)):
+                chunk = pcm[offset:offset + step]
+                if len(chunk) < step:
+                    chunk = np.pad(chunk, (0, step - len(chunk)))
+                af = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+                af.sample_rate, af.pts = self.audio_rate, index * step
+                for packet in astream.encode(af):
+                    container.mux(packet)
             for packet in astream.encode():
                 container.mux(packet)
         container.close()
