@@ -1,0 +1,895 @@
+"""Model updates: the on-disk model store, the resumable downloader and the ``Updater``.
+
+The format of a signed manifest, keys and the operator's ``publish`` side live in
+``manifest.py``. Here, on the kiosk::
+
+    Updater.check_once():  manifest (http(s) or a local path) ─► verify signature ─► newer,
+                           compatible, not bad? ─► free-disk check ─► download with Range
+                           resume into downloads/<sha256>.partial ─► size + sha256 ─► stage
+    supervisor:            warm the staged model in a second renderer ─► healthy frames ─►
+                           activate(version) ─► switch the frame pump ─► mark_good(version)
+                           (fails to load or render in time ─► mark_bad(version, reason))
+
+The store (``/var/lib/appliance/models/``)::
+
+    state.json             {"current": id, "previous": id, "kept": [ids], "confirmed": bool}
+                           the one source of truth: one rename switches current and previous
+    current, previous      symlinks to store/<id>, refreshed after state.json (convenience
+                           for operators and for [avatar] model = ".../current/model.imx")
+    bad.json               {version: {name, sha256, reason, at}}: never retried until the
+                           version changes
+    store/<id>/            model.json | model.imx + manifest.json; <id> = <name>-<version>;
+                           a directory appears there complete (built in tmp/, fsynced, renamed)
+    downloads/             <sha256>.partial + <sha256>.partial.json (resume state)
+    tmp/                   half-built entries; emptied on open
+
+Every durable step (fsync, rename, symlink) goes through ``FsOps`` so tests can cut the
+power after any step: the store then opens with either the old or the new model
+current, complete. Store methods re-read the disk each time and mutate under an
+``flock`` on ``.lock``, so ``appliance models ...`` and the daemon can share a store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+
+from appliance.manifest import (
+    MAX_MANIFEST_BYTES,
+    RUNTIME_EXTENSIONS,
+    DiskFull,
+    DownloadError,
+    Manifest,
+    ManifestError,
+    SizeMismatch,
+    StoreError,
+    TrustedKey,
+    UpdateError,
+    VerifyError,
+    check_compatible,
+    parse_manifest,
+    parse_public_key,
+    resolve_url,
+    sha256_file,
+    version_key,
+)
+from appliance.states import StateCell
+
+__all__ = [
+    "STATE_DIR",
+    "FsOps",
+    "ModelEntry",
+    "ModelStore",
+    "Outcome",
+    "UpdateResult",
+    "UpdateState",
+    "Updater",
+    "UpdaterSettings",
+    "cmd_models_list",
+    "cmd_models_rollback",
+    "cmd_models_update",
+    "download",
+    "in_window",
+    "parse_window",
+]
+
+log = logging.getLogger("appliance.models")
+
+STATE_DIR = "/var/lib/appliance/models"
+ProgressFn = Callable[[int, int], None]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# -- durable filesystem steps ------------------------------------------------------------
+
+
+class FsOps:
+    """The durable steps of the store. ``step`` is called before each; tests override it."""
+
+    def step(self, what: str) -> None:
+        pass
+
+    def fsync_file(self, path: Path) -> None:
+        self.step(f"fsync {path.name}")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, path: Path) -> None:
+        self.step(f"fsync dir {path.name}")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        self.step(f"rename {src.name} -> {dst.name}")
+        os.replace(src, dst)
+
+    def symlink(self, target: str, path: Path) -> None:
+        self.step(f"symlink {path.name}")
+        os.symlink(target, path)
+
+    def rmtree(self, path: Path) -> None:
+        self.step(f"remove {path.name}")
+        shutil.rmtree(path, ignore_errors=True)
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        """Temp file, fsync, rename over ``path``, fsync the directory."""
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        self.fsync_file(tmp)
+        self.replace(tmp, path)
+        self.fsync_dir(path.parent)
+
+
+# -- the store -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    version: str
+    runtime: str
+    size: int
+    sha256: str
+    state: str  # current | previous | kept | staged | bad
+    path: str | None  # the model file; None for a bad version whose files are gone
+    reason: str = ""  # why it is bad
+    confirmed: bool = False  # current only: mark_good() was called since activate()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelStore:
+    """Staged and active models under ``root``; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str] = STATE_DIR, *, keep_previous: int = 1,
+                 ops: FsOps | None = None) -> None:
+        self.root = Path(root)
+        self.keep_previous = max(1, keep_previous)
+        self.ops = ops or FsOps()
+        self.store_dir = self.root / "store"
+        self.downloads = self.root / "downloads"
+        self.tmp = self.root / "tmp"
+
+    # reading -------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            doc = json.loads((self.root / "state.json").read_text())
+        except FileNotFoundError:
+            doc = {}
+        except (OSError, ValueError) as exc:  # never written non-atomically; say so loudly
+            log.error("model store %s/state.json unreadable (%s); starting empty", self.root, exc)
+            doc = {}
+        state = {"current": doc.get("current"), "previous": doc.get("previous"),
+                 "kept": list(doc.get("kept") or []), "confirmed": bool(doc.get("confirmed"))}
+        present = {p.name for p in self.store_dir.iterdir()} if self.store_dir.is_dir() else set()
+        state["kept"] = [i for i in state["kept"] if i in present]
+        if state["previous"] not in present:
+            state["previous"] = state["kept"].pop(0) if state["kept"] else None
+        if state["current"] not in present:  # only by hand: fall back, never to nothing
+            state["current"], state["confirmed"] = state["previous"], True
+            state["previous"] = state["kept"].pop(0) if state["kept"] else None
+        return state
+
+    def _bad(self) -> dict[str, dict[str, Any]]:
+        try:
+            data: dict[str, dict[str, Any]] = json.loads((self.root / "bad.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+    def _entry(self, ident: str, state: str, confirmed: bool = False) -> ModelEntry | None:
+        try:
+            doc = json.loads((self.store_dir / ident / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        ext = RUNTIME_EXTENSIONS.get(doc.get("runtime", ""), "")
+        return ModelEntry(name=doc["name"], version=doc["version"], runtime=doc["runtime"],
+                          size=doc["size"], sha256=doc["sha256"], state=state,
+                          path=str(self.store_dir / ident / f"model{ext}"), confirmed=confirmed)
+
+    def list(self) -> list[ModelEntry]:
+        """Everything the store holds or refuses, newest version first."""
+        state, bad = self._state(), self._bad()
+        roles = {state["current"]: "current", state["previous"]: "previous",
+                 **{i: "kept" for i in state["kept"]}}
+        out: list[ModelEntry] = []
+        idents = sorted(p.name for p in self.store_dir.iterdir()) if self.store_dir.is_dir() else []
+        for ident in idents:
+            role = roles.get(ident, "staged")
+            entry = self._entry(ident, role, confirmed=role == "current" and state["confirmed"])
+            if entry is None:
+                continue
+            if entry.version in bad:
+                entry = ModelEntry(**{**entry.as_dict(), "reason": bad[entry.version]["reason"],
+                                      "state": "bad" if role == "staged" else role})
+            out.append(entry)
+        shown = {e.version for e in out}
+        for version, rec in bad.items():
+            if version not in shown:
+                out.append(ModelEntry(name=rec.get("name", ""), version=version,
+                                      runtime=rec.get("runtime", ""), size=int(rec.get("size", 0)),
+                                      sha256=rec.get("sha256", ""), state="bad", path=None,
+                                      reason=rec["reason"]))
+        return sorted(out, key=lambda e: version_key(e.version), reverse=True)
+
+    def get(self, version: str) -> ModelEntry | None:
+        return next((e for e in self.list() if e.version == version), None)
+
+    def current(self) -> ModelEntry | None:
+        return next((e for e in self.list() if e.state == "current"), None)
+
+    def previous(self) -> ModelEntry | None:
+        return next((e for e in self.list() if e.state == "previous"), None)
+
+    def bad_reason(self, version: str) -> str | None:
+        rec = self._bad().get(version)
+        return rec["reason"] if rec else None
+
+    def verify(self, version: str) -> bool:
+        """Full check of a stored model: size and sha256 (reads the whole file)."""
+        entry = self.get(version)
+        if entry is None or entry.path is None or not os.path.isfile(entry.path):
+            return False
+        return os.path.getsize(entry.path) == entry.size and sha256_file(entry.path) == entry.sha256
+
+    def partial_path(self, sha256: str) -> Path:
+        return self.downloads / f"{sha256}.partial"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    # writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive (between processes too); creates the layout and recovers first."""
+        for d in (self.root, self.store_dir, self.downloads, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._recover()
+            yield
+
+    def open(self) -> None:
+        """Create the layout; finish or undo whatever a power cut interrupted."""
+        with self._locked():
+            pass
+
+    def _recover(self) -> None:
+        for leftover in self.tmp.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        for leftover in self.root.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        self._sync_links(self._state())
+
+    def _ident(self, version: str) -> str:
+        for p in self.store_dir.iterdir() if self.store_dir.is_dir() else []:
+            entry = self._entry(p.name, "staged")
+            if entry is not None and entry.version == version:
+                return p.name
+        raise StoreError(f"model version {version} is not in the store {self.store_dir}",
+                         fix="`appliance models list` shows what is there")
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        self.ops.write_atomic(self.root / "state.json", json.dumps(state, indent=1).encode())
+        self._sync_links(state)
+
+    def _sync_links(self, state: dict[str, Any]) -> None:
+        for name in ("current", "previous"):
+            link, ident = self.root / name, state[name]
+            target = f"store/{ident}" if ident else None
+            if (os.readlink(link) if link.is_symlink() else None) == target:
+                continue
+            if target is None:
+                link.unlink(missing_ok=True)
+            else:
+                tmp = self.root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+                self.ops.symlink(target, tmp)
+                self.ops.replace(tmp, link)
+            self.ops.fsync_dir(self.root)
+
+    def stage(self, manifest: Manifest, payload: Path) -> ModelEntry:
+        """Move a verified download into the store (complete, or not at all)."""
+        with self._locked():
+            ident = f"{manifest.name}-{manifest.version}"
+            final = self.store_dir / ident
+            if final.exists():
+                existing = self._entry(ident, "staged")
+                if existing is not None and existing.sha256 == manifest.sha256:
+                    payload.unlink(missing_ok=True)
+                    return self.get(manifest.version) or existing
+                state = self._state()
+                if ident in (state["current"], state["previous"], *state["kept"]):
+                    raise StoreError(f"{manifest.name} {manifest.version} is in use with other "
+                                     "content; publish the new content under a new version")
+                self.ops.rmtree(final)
+            build = self.tmp / f"{ident}.{uuid.uuid4().hex[:8]}"
+            build.mkdir()
+            model = build / f"model{manifest.extension}"
+            self.ops.replace(payload, model)
+            (build / "manifest.json").write_text(json.dumps(dict(manifest.fields), indent=2))
+            self.ops.fsync_file(model)
+            self.ops.fsync_file(build / "manifest.json")
+            self.ops.fsync_dir(build)
+            self.ops.replace(build, final)
+            self.ops.fsync_dir(self.store_dir)
+            payload.with_name(payload.name + ".json").unlink(missing_ok=True)
+            log.info("staged model %s %s", manifest.name, manifest.version,
+                     extra={"model": manifest.version})
+        entry = self.get(manifest.version)
+        assert entry is not None
+        return entry
+
+    def activate(self, version: str) -> ModelEntry:
+        """Make ``version`` current (on trial until mark_good); the old current becomes previous."""
+        with self._locked():
+            ident, state = self._ident(version), self._state()
+            if state["current"] == ident:
+                entry = self.current()
+                assert entry is not None
+                return entry
+            order = [state["current"], state["previous"], *state["kept"]]
+            older = [i for i in order if i and i != ident][: self.keep_previous]
+            self._write_state({"current": ident, "previous": older[0] if older else None,
+                               "kept": older[1:], "confirmed": False})
+            log.info("model %s is now current", version, extra={"model": version})
+            self._prune()
+        entry = self.current()
+        assert entry is not None
+        return entry
+
+    def mark_good(self, version: str) -> None:
+        with self._locked():
+            state = self._state()
+            if state["current"] == self._ident(version) and not state["confirmed"]:
+                self._write_state({**state, "confirmed": True})
+
+    def mark_bad(self, version: str, reason: str) -> ModelEntry | None:
+        """Never retry this version. If it is current, roll back to previous.
+
+        Returns the model that should be serving now (None: the store has none).
+        """
+        with self._locked():
+            entry = self.get(version)
+            bad = self._bad()
+            bad[version] = {"name": entry.name if entry else "", "runtime": entry.runtime if entry else "",
+                            "size": entry.size if entry else 0,
+                            "sha256": entry.sha256 if entry else "", "reason": reason,
+                            "at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            self.ops.write_atomic(self.root / "bad.json", json.dumps(bad, indent=1).encode())
+            log.warning("model %s marked bad: %s", version, reason, extra={"model": version, "reason": reason})
+            state = self._state()
+            if entry is not None and entry.state == "current" and state["previous"]:
+                self._write_state({"current": state["previous"],
+                                   "previous": state["kept"][0] if state["kept"] else None,
+                                   "kept": state["kept"][1:], "confirmed": True})
+            self._prune()
+        return self.current()
+
+    def rollback(self, reason: str = "rolled back by the operator") -> ModelEntry:
+        """Go back to the previous model; the current one is marked bad (with ``reason``)."""
+        current, previous = self.current(), self.previous()
+        if current is None or previous is None:
+            raise StoreError(f"nothing to roll back to in {self.root}: "
+                             f"{'no current model' if current is None else 'no previous model'}")
+        now = self.mark_bad(current.version, reason)
+        assert now is not None
+        return now
+
+    def _prune(self) -> None:
+        """Delete what is neither pointed to nor a staged candidate newer than current."""
+        state, bad = self._state(), self._bad()
+        keep = {state["current"], state["previous"], *state["kept"]}
+        current = self._entry(state["current"], "current") if state["current"] else None
+        for p in list(self.store_dir.iterdir()):
+            if p.name in keep:
+                continue
+            entry = self._entry(p.name, "staged")
+            newer = entry is not None and (current is None or
+                                           version_key(entry.version) > version_key(current.version))
+            if entry is None or entry.version in bad or not newer:
+                self.ops.rmtree(p)
+
+    def drop_partials(self, keep_sha256: str = "") -> None:
+        for p in self.downloads.iterdir() if self.downloads.is_dir() else []:
+            if not keep_sha256 or not p.name.startswith(keep_sha256):
+                p.unlink(missing_ok=True)
+
+
+# -- the downloader ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdaterSettings:
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0  # no byte for this long: the attempt fails (then resumes)
+    retries: int = 3  # extra attempts per check, with backoff, resuming where it stopped
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    min_free_mb: int = 64  # margin left free on the store's filesystem
+    chunk_kib: int = 256
+
+
+class _Retry(Exception):
+    """A transient failure: try again (resuming)."""
+
+
+def _sidecar(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".json")
+
+
+async def download(source: str, partial: Path, *, size: int, sha256: str,
+                   settings: UpdaterSettings, session: aiohttp.ClientSession | None = None,
+                   progress: ProgressFn | None = None) -> None:
+    """Fetch exactly ``size`` bytes from ``source`` into ``partial``, resuming, then verify.
+
+    Never reads past ``size``; SizeMismatch when the source has more or fewer bytes,
+    VerifyError when the bytes do not hash to ``sha256`` (the partial is then deleted).
+    """
+    meta = {"sha256": sha256, "size": size}
+    try:
+        state = json.loads(_sidecar(partial).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if {k: state.get(k) for k in meta} != meta or not partial.exists():
+        partial.unlink(missing_ok=True)
+        partial.touch()
+        _sidecar(partial).write_text(json.dumps(meta))
+        state = dict(meta)
+    if partial.stat().st_size > size:
+        os.truncate(partial, 0)
+    attempt = 0
+    while partial.stat().st_size < size:
+        try:
+            if urlparse(source).scheme in ("http", "https"):
+                assert session is not None
+                await _fetch_http(session, source, partial, size, state, settings, progress)
+            else:
+                await _copy_local(source, partial, size, settings, progress)
+        except _Retry as exc:
+            attempt += 1
+            if attempt > settings.retries:
+                raise DownloadError(f"{source}: {exc} (gave up after {attempt} attempts; "
+                                    f"{partial.stat().st_size} of {size} bytes kept for resuming)",
+                                    setting="[models] manifest_url",
+                                    fix="check the update server; the next check resumes") from None
+            delay = min(settings.backoff_s * 2 ** (attempt - 1), settings.backoff_max_s)
+            log.warning("model download: %s; retrying in %.0f s", exc, delay)
+            await asyncio.sleep(delay)
+        except SizeMismatch:
+            partial.unlink(missing_ok=True)
+            _sidecar(partial).unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            raise _disk_error(exc, partial, size) from exc
+    if progress:
+        progress(size, size)
+    digest = await asyncio.to_thread(sha256_file, partial)
+    if digest != sha256:
+        partial.unlink(missing_ok=True)
+        _sidecar(partial).unlink(missing_ok=True)
+        raise VerifyError(f"{source}: sha256 {digest[:16]}… does not match the signed "
+                          f"{sha256[:16]}…; the file is corrupt or was replaced",
+                          fix="publish the model again; the download was discarded")
+
+
+def _disk_error(exc: OSError, partial: Path, size: int) -> UpdateError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        partial.unlink(missing_ok=True)
+        return DiskFull(f"{partial.parent}: the disk filled up while downloading a "
+                        f"{_fmt_bytes(size)} model", fix="free space on that filesystem")
+    return DownloadError(f"cannot write {partial}: {exc.strerror or exc}")
+
+
+async def _fetch_http(session: aiohttp.ClientSession, url: str, partial: Path, size: int,
+                      state: dict[str, Any], settings: UpdaterSettings,
+                      progress: ProgressFn | None) -> None:
+    offset = partial.stat().st_size
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    if offset and state.get("validator"):
+        headers["If-Range"] = state["validator"]
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
+                                    connect=settings.connect_timeout_s,
+                                    sock_read=settings.read_timeout_s)
+    try:
+        async with session.get(url, headers=headers, timeout=timeout) as resp:
+            if resp.status == 416:
+                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit() and int(total) != size:
+                    raise SizeMismatch(f"{url}: the server has {total} bytes, the signed size is {size}")
+                os.truncate(partial, 0)
+                raise _Retry("the server refused to resume; starting again")
+            if resp.status in (404, 408, 429) or resp.status >= 500:
+                raise _Retry(f"HTTP {resp.status} {resp.reason}")
+            if resp.status not in (200, 206):
+                raise DownloadError(f"{url}: HTTP {resp.status} {resp.reason}",
+                                    fix="check the URL and the server's permissions")
+            if resp.status == 206:
+                start, _, total = resp.headers.get("Content-Range", "").partition(" ")[2].partition("-")
+                total = total.rpartition("/")[2]
+                if total.isdigit() and int(total) != size:
+                    raise SizeMismatch(f"{url}: the server has {total} bytes, the signed size is {size}")
+                if not start.isdigit() or int(start) != offset:
+                    os.truncate(partial, 0)
+                    raise _Retry(f"the server resumed at {start!r}, not {offset}; starting again")
+            else:
+                if offset:
+                    log.info("model download: %s ignored the Range request; starting again", url)
+                offset = 0
+                os.truncate(partial, 0)
+            length = resp.content_length
+            if length is not None and offset + length != size:
+                raise SizeMismatch(f"{url}: the server sends {offset + length} bytes, "
+                                   f"the signed size is {size}",
+                                   fix="publish the model and manifest again, together")
+            validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+            if validator and validator != state.get("validator"):
+                state["validator"] = validator
+                _sidecar(partial).write_text(json.dumps(state))
+            remaining = size - offset
+            with open(partial, "ab", buffering=0) as f:
+                async for chunk in resp.content.iter_chunked(settings.chunk_kib * 1024):
+                    if len(chunk) > remaining:
+                        raise SizeMismatch(f"{url}: the server sent more than the signed {size} bytes",
+                                           fix="publish the model and manifest again, together")
+                    f.write(chunk)
+                    remaining -= len(chunk)
+                    if progress:
+                        progress(size - remaining, size)
+                    if remaining == 0:
+                        if await resp.content.read(1):
+                            raise SizeMismatch(f"{url}: the server sent more than the signed {size} bytes",
+                                               fix="publish the model and manifest again, together")
+                        break
+            if remaining:
+                raise _Retry(f"the connection ended after {size - remaining} of {size} bytes")
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _Retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+
+
+async def _copy_local(path: str, partial: Path, size: int, settings: UpdaterSettings,
+                      progress: ProgressFn | None) -> None:
+    try:
+        src = open(path, "rb")
+    except OSError as exc:
+        raise DownloadError(f"cannot read {path}: {exc.strerror or exc}",
+                            fix="is the USB stick mounted?") from exc
+    with src, open(partial, "ab", buffering=0) as dst:
+        offset = partial.stat().st_size
+        src.seek(offset)
+        remaining = size - offset
+        while remaining:
+            chunk = await asyncio.to_thread(src.read, min(remaining, settings.chunk_kib * 1024))
+            if not chunk:
+                raise SizeMismatch(f"{path} has {size - remaining} bytes, the signed size is {size}")
+            dst.write(chunk)
+            remaining -= len(chunk)
+            if progress:
+                progress(size - remaining, size)
+        if src.read(1):
+            raise SizeMismatch(f"{path} is larger than the signed {size} bytes")
+
+
+# -- the updater ---------------------------------------------------------------------
+
+
+class UpdateState(enum.Enum):
+    IDLE = "idle"
+    CHECKING = "checking"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"  # a verified model waits for the supervisor to warm and activate it
+    FAILED = "failed"  # the last check failed; see last_error
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Outcome(enum.Enum):
+    UP_TO_DATE = "up-to-date"  # the manifest names the current version
+    OLDER = "older"  # the manifest names a version below the current one: ignored
+    BAD = "bad"  # the manifest names a version marked bad: not retried
+    STAGED = "staged"  # a new model is staged and ready: warm it, then activate()
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    outcome: Outcome
+    message: str
+    manifest: Manifest
+    entry: ModelEntry | None = None  # the staged model (Outcome.STAGED)
+
+
+@dataclass
+class _Progress:
+    version: str = ""
+    done: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Updater:
+    """Checks a signed manifest, downloads and stages; the supervisor decides the switch."""
+
+    def __init__(self, store: ModelStore, manifest_url: str, keys: Sequence[TrustedKey], *,
+                 settings: UpdaterSettings | None = None, progress: ProgressFn | None = None,
+                 on_state: Callable[[UpdateState, UpdateState, str], None] | None = None) -> None:
+        self.store = store
+        self.manifest_url = manifest_url
+        self.keys = list(keys)
+        self.settings = settings or UpdaterSettings()
+        self._progress_cb = progress
+        self.progress = _Progress()
+        self.last_error: UpdateError | None = None
+        self.last_check: float | None = None  # time.monotonic()
+        self._state = StateCell(UpdateState.IDLE, logger=log, who="updater", on_change=on_state)
+
+    @property
+    def state(self) -> UpdateState:
+        return self._state.value
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.done, self.progress.total = done, total
+        if self._progress_cb:
+            self._progress_cb(done, total)
+
+    async def _fetch_manifest(self, session: aiohttp.ClientSession) -> bytes:
+        url = self.manifest_url
+        if urlparse(url).scheme not in ("http", "https"):
+            path = urlparse(url).path if url.startswith("file:") else url
+            try:
+                with open(path, "rb") as f:
+                    return f.read(MAX_MANIFEST_BYTES + 1)
+            except OSError as exc:
+                raise ManifestError(f"cannot read the manifest {path}: {exc.strerror or exc}",
+                                    setting="[models] manifest_url", fix="is the USB stick mounted?") from exc
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=s.connect_timeout_s + s.read_timeout_s,
+                                        connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
+        why = ""
+        for attempt in range(s.retries + 1):
+            if attempt:
+                await asyncio.sleep(min(s.backoff_s * 2 ** (attempt - 1), s.backoff_max_s))
+            try:
+                async with session.get(url, timeout=timeout) as resp:
+                    if resp.status == 200:
+                        return await resp.content.read(MAX_MANIFEST_BYTES + 1)
+                    why = f"HTTP {resp.status} {resp.reason}"
+                    if resp.status not in (404, 408, 429) and resp.status < 500:
+                        break
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                why = f"{type(exc).__name__} {exc}".strip()
+        raise ManifestError(f"cannot fetch the manifest {url}: {why}", setting="[models] manifest_url",
+                            fix="check the URL and the update server; the current model keeps serving")
+
+    async def check_once(self) -> UpdateResult:
+        """One check: returns what happened, or raises an UpdateError (also kept in last_error)."""
+        self._state.set(UpdateState.CHECKING, self.manifest_url)
+        self.last_check = time.monotonic()
+        try:
+            async with aiohttp.ClientSession() as session:
+                result = await self._check(session)
+        except UpdateError as exc:
+            self.last_error = exc
+            self._state.set(UpdateState.FAILED, exc.operator_line(), level=logging.WARNING)
+            raise
+        self.last_error = None
+        self._state.set(UpdateState.STAGED if result.outcome is Outcome.STAGED else UpdateState.IDLE,
+                        result.message)
+        return result
+
+    async def _check(self, session: aiohttp.ClientSession) -> UpdateResult:
+        raw = await self._fetch_manifest(session)
+        m = parse_manifest(raw, self.keys, source=self.manifest_url)
+        check_compatible(m)
+        what = f"{m.name} {m.version}"
+        reason = self.store.bad_reason(m.version)
+        if reason is not None:
+            return UpdateResult(Outcome.BAD, f"{what} is marked bad ({reason}); waiting for a new version", m)
+        current = self.store.current()
+        if current is not None and version_key(m.version) <= version_key(current.version):
+            same = m.version == current.version
+            return UpdateResult(Outcome.UP_TO_DATE if same else Outcome.OLDER,
+                                f"{what} is current" if same
+                                else f"{what} is older than the current {current.version}; ignored", m)
+        staged = self.store.get(m.version)
+        if staged is not None and staged.sha256 == m.sha256 and staged.state == "staged":
+            return UpdateResult(Outcome.STAGED, f"{what} is staged", m, staged)
+        self.store.open()  # creates the layout, recovers from a power cut
+        self.store.drop_partials(keep_sha256=m.sha256)
+        partial = self.store.partial_path(m.sha256)
+        have = partial.stat().st_size if partial.exists() else 0
+        need = max(m.size - have, 0) + self.settings.min_free_mb * 1024 * 1024
+        free = self.store.free_bytes()
+        if free < need:
+            raise DiskFull(f"{self.store.root}: {what} needs {_fmt_bytes(need)} free "
+                           f"({_fmt_bytes(m.size)} + {self.settings.min_free_mb} MiB margin), "
+                           f"{_fmt_bytes(free)} available",
+                           fix=f"free space on the filesystem of {self.store.root}")
+        source = resolve_url(self.manifest_url, m.url)
+        self.progress = _Progress(version=m.version, done=have, total=m.size)
+        self._state.set(UpdateState.DOWNLOADING, f"{what} from {source}")
+        with open(partial.with_name(partial.name + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"{what} is being downloaded by another process") from None
+            await download(source, partial, size=m.size, sha256=m.sha256, settings=self.settings,
+                           session=session, progress=self._on_progress)
+            self._state.set(UpdateState.VERIFYING, what)
+            entry = self.store.stage(m, partial)
+        Path(str(partial) + ".lock").unlink(missing_ok=True)
+        return UpdateResult(Outcome.STAGED, f"{what} is staged", m, entry)
+
+    # hooks for the supervisor ----------------------------------------------------------
+
+    def activate(self, version: str) -> ModelEntry:
+        entry = self.store.activate(version)
+        self._state.set(UpdateState.IDLE, f"{version} is current")
+        return entry
+
+    def mark_good(self, version: str) -> None:
+        self.store.mark_good(version)
+
+    def mark_bad(self, version: str, reason: str) -> ModelEntry | None:
+        now = self.store.mark_bad(version, reason)
+        self._state.set(UpdateState.IDLE, f"{version} is bad: {reason}", level=logging.WARNING)
+        return now
+
+    def rollback(self, reason: str = "rolled back by the operator") -> ModelEntry:
+        return self.store.rollback(reason)
+
+    def status(self) -> dict[str, Any]:
+        """For ``appliance status`` (JSON-safe)."""
+        current, previous = self.store.current(), self.store.previous()
+        p = self.progress
+        return {
+            "state": self.state.value,
+            "reason": self._state.reason,
+            "current": current.version if current else None,
+            "previous": previous.version if previous else None,
+            "download": {"version": p.version, "bytes": p.done, "total": p.total}
+            if self.state is UpdateState.DOWNLOADING else None,
+            "last_check_ago_s": round(time.monotonic() - self.last_check, 1) if self.last_check else None,
+            "last_error": self.last_error.operator_line() if self.last_error else None,
+        }
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+def parse_window(spec: str) -> tuple[dt.time, dt.time] | None:
+    """``"02:00-05:00"`` (local time; may wrap midnight) → (start, end); ``""`` → None (always)."""
+    if not spec.strip():
+        return None
+    try:
+        start, end = (dt.time.fromisoformat(part.strip()) for part in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a window like \"02:00-05:00\"") from None
+    if start == end:
+        raise ValueError(f"{spec!r} is empty: start and end are the same")
+    return start, end
+
+
+def in_window(now: dt.datetime | dt.time, spec: str) -> bool:
+    window = parse_window(spec)
+    if window is None:
+        return True
+    t = now.time() if isinstance(now, dt.datetime) else now
+    start, end = window
+    return start <= t < end if start < end else (t >= start or t < end)
+
+
+# -- CLI handlers (on the kiosk); they print and return an exit code -----------------------
+
+
+def _print_error(exc: UpdateError) -> int:
+    print(exc.operator_line(), file=sys.stderr)
+    return 1
+
+
+def cmd_models_list(state_dir: str = STATE_DIR, as_json: bool = False) -> int:
+    entries = ModelStore(state_dir).list()
+    if as_json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no models in {state_dir}")
+        return 0
+    print(f"{'STATE':9} {'NAME':20} {'VERSION':16} {'RUNTIME':9} {'SIZE':>10}  SHA256")
+    for e in entries:
+        state = e.state + ("" if e.state != "current" or e.confirmed else "*")
+        print(f"{state:9} {e.name:20} {e.version:16} {e.runtime:9} {_fmt_bytes(e.size):>10}  "
+              f"{e.sha256[:12]}" + (f"  ({e.reason})" if e.reason else ""))
+    if any(e.state == "current" and not e.confirmed for e in entries):
+        print("* on trial: not yet confirmed by healthy frames")
+    return 0
+
+
+class _TtyBar:
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        width = 30
+        fill = int(width * done / total) if total else width
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {100 * done / max(total, 1):5.1f}% "
+                         f"{_fmt_bytes(done)} / {_fmt_bytes(total)}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_models_update(state_dir: str, manifest_url: str, public_keys: Sequence[str], *,
+                      keep_previous: int = 1, settings: UpdaterSettings | None = None,
+                      activate: bool = False) -> int:
+    """Check now, download and stage. With ``activate`` (daemon stopped) also switch."""
+    if not manifest_url:
+        print("[models] manifest_url is empty: nothing to update from", file=sys.stderr)
+        return 1
+    try:
+        keys = [parse_public_key(k) for k in public_keys]
+        store = ModelStore(state_dir, keep_previous=keep_previous)
+        updater = Updater(store, manifest_url, keys, settings=settings,
+                          progress=_TtyBar() if sys.stderr.isatty() else None)
+        result = asyncio.run(updater.check_once())
+        print(result.message)
+        if result.outcome is Outcome.STAGED and activate:
+            entry = updater.activate(result.manifest.version)
+            print(f"{entry.name} {entry.version} is now current (on trial until it renders)")
+        elif result.outcome is Outcome.STAGED:
+            print("the running appliance warms it up and switches at its next check "
+                  "(`systemctl reload appliance` to check now)")
+    except UpdateError as exc:
+        return _print_error(exc)
+    return 0
+
+
+def cmd_models_rollback(state_dir: str = STATE_DIR,
+                        reason: str = "rolled back by the operator") -> int:
+    try:
+        entry = ModelStore(state_dir).rollback(reason)
+    except UpdateError as exc:
+        return _print_error(exc)
+    print(f"{entry.name} {entry.version} is current again; the one it replaced is marked bad "
+          "and will not be retried until a new version is published "
+          "(`systemctl reload appliance` to switch the running avatar now)")
+    return 0
