@@ -51,18 +51,16 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from appliance.download import ProgressFn, UpdaterSettings, download, format_bytes
 from appliance.manifest import (
     MAX_MANIFEST_BYTES,
     RUNTIME_EXTENSIONS,
     DiskFull,
-    DownloadError,
     Manifest,
     ManifestError,
-    SizeMismatch,
     StoreError,
     TrustedKey,
     UpdateError,
-    VerifyError,
     check_compatible,
     parse_manifest,
     parse_public_key,
@@ -93,15 +91,6 @@ __all__ = [
 log = logging.getLogger("appliance.models")
 
 STATE_DIR = "/var/lib/appliance/models"
-ProgressFn = Callable[[int, int], None]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 # -- durable filesystem steps ------------------------------------------------------------
@@ -428,182 +417,6 @@ class ModelStore:
                 p.unlink(missing_ok=True)
 
 
-# -- the downloader ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UpdaterSettings:
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0  # no byte for this long: the attempt fails (then resumes)
-    retries: int = 3  # extra attempts per check, with backoff, resuming where it stopped
-    backoff_s: float = 2.0
-    backoff_max_s: float = 60.0
-    min_free_mb: int = 64  # margin left free on the store's filesystem
-    chunk_kib: int = 256
-
-
-class _Retry(Exception):
-    """A transient failure: try again (resuming)."""
-
-
-def _sidecar(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".json")
-
-
-async def download(source: str, partial: Path, *, size: int, sha256: str,
-                   settings: UpdaterSettings, session: aiohttp.ClientSession | None = None,
-                   progress: ProgressFn | None = None) -> None:
-    """Fetch exactly ``size`` bytes from ``source`` into ``partial``, resuming, then verify.
-
-    Never reads past ``size``; SizeMismatch when the source has more or fewer bytes,
-    VerifyError when the bytes do not hash to ``sha256`` (the partial is then deleted).
-    """
-    meta = {"sha256": sha256, "size": size}
-    try:
-        state = json.loads(_sidecar(partial).read_text())
-    except (OSError, ValueError):
-        state = {}
-    if {k: state.get(k) for k in meta} != meta or not partial.exists():
-        partial.unlink(missing_ok=True)
-        partial.touch()
-        _sidecar(partial).write_text(json.dumps(meta))
-        state = dict(meta)
-    if partial.stat().st_size > size:
-        os.truncate(partial, 0)
-    attempt = 0
-    while partial.stat().st_size < size:
-        try:
-            if urlparse(source).scheme in ("http", "https"):
-                assert session is not None
-                await _fetch_http(session, source, partial, size, state, settings, progress)
-            else:
-                await _copy_local(source, partial, size, settings, progress)
-        except _Retry as exc:
-            attempt += 1
-            if attempt > settings.retries:
-                raise DownloadError(f"{source}: {exc} (gave up after {attempt} attempts; "
-                                    f"{partial.stat().st_size} of {size} bytes kept for resuming)",
-                                    setting="[models] manifest_url",
-                                    fix="check the update server; the next check resumes") from None
-            delay = min(settings.backoff_s * 2 ** (attempt - 1), settings.backoff_max_s)
-            log.warning("model download: %s; retrying in %.0f s", exc, delay)
-            await asyncio.sleep(delay)
-        except SizeMismatch:
-            partial.unlink(missing_ok=True)
-            _sidecar(partial).unlink(missing_ok=True)
-            raise
-        except OSError as exc:
-            raise _disk_error(exc, partial, size) from exc
-    if progress:
-        progress(size, size)
-    digest = await asyncio.to_thread(sha256_file, partial)
-    if digest != sha256:
-        partial.unlink(missing_ok=True)
-        _sidecar(partial).unlink(missing_ok=True)
-        raise VerifyError(f"{source}: sha256 {digest[:16]}… does not match the signed "
-                          f"{sha256[:16]}…; the file is corrupt or was replaced",
-                          fix="publish the model again; the download was discarded")
-
-
-def _disk_error(exc: OSError, partial: Path, size: int) -> UpdateError:
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        partial.unlink(missing_ok=True)
-        return DiskFull(f"{partial.parent}: the disk filled up while downloading a "
-                        f"{_fmt_bytes(size)} model", fix="free space on that filesystem")
-    return DownloadError(f"cannot write {partial}: {exc.strerror or exc}")
-
-
-async def _fetch_http(session: aiohttp.ClientSession, url: str, partial: Path, size: int,
-                      state: dict[str, Any], settings: UpdaterSettings,
-                      progress: ProgressFn | None) -> None:
-    offset = partial.stat().st_size
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    if offset and state.get("validator"):
-        headers["If-Range"] = state["validator"]
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
-                                    connect=settings.connect_timeout_s,
-                                    sock_read=settings.read_timeout_s)
-    try:
-        async with session.get(url, headers=headers, timeout=timeout) as resp:
-            if resp.status == 416:
-                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
-                if total.isdigit() and int(total) != size:
-                    raise SizeMismatch(f"{url}: the server has {total} bytes, the signed size is {size}")
-                os.truncate(partial, 0)
-                raise _Retry("the server refused to resume; starting again")
-            if resp.status in (404, 408, 429) or resp.status >= 500:
-                raise _Retry(f"HTTP {resp.status} {resp.reason}")
-            if resp.status not in (200, 206):
-                raise DownloadError(f"{url}: HTTP {resp.status} {resp.reason}",
-                                    fix="check the URL and the server's permissions")
-            if resp.status == 206:
-                start, _, total = resp.headers.get("Content-Range", "").partition(" ")[2].partition("-")
-                total = total.rpartition("/")[2]
-                if total.isdigit() and int(total) != size:
-                    raise SizeMismatch(f"{url}: the server has {total} bytes, the signed size is {size}")
-                if not start.isdigit() or int(start) != offset:
-                    os.truncate(partial, 0)
-                    raise _Retry(f"the server resumed at {start!r}, not {offset}; starting again")
-            else:
-                if offset:
-                    log.info("model download: %s ignored the Range request; starting again", url)
-                offset = 0
-                os.truncate(partial, 0)
-            length = resp.content_length
-            if length is not None and offset + length != size:
-                raise SizeMismatch(f"{url}: the server sends {offset + length} bytes, "
-                                   f"the signed size is {size}",
-                                   fix="publish the model and manifest again, together")
-            validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-            if validator and validator != state.get("validator"):
-                state["validator"] = validator
-                _sidecar(partial).write_text(json.dumps(state))
-            remaining = size - offset
-            with open(partial, "ab", buffering=0) as f:
-                async for chunk in resp.content.iter_chunked(settings.chunk_kib * 1024):
-                    if len(chunk) > remaining:
-                        raise SizeMismatch(f"{url}: the server sent more than the signed {size} bytes",
-                                           fix="publish the model and manifest again, together")
-                    f.write(chunk)
-                    remaining -= len(chunk)
-                    if progress:
-                        progress(size - remaining, size)
-                    if remaining == 0:
-                        if await resp.content.read(1):
-                            raise SizeMismatch(f"{url}: the server sent more than the signed {size} bytes",
-                                               fix="publish the model and manifest again, together")
-                        break
-            if remaining:
-                raise _Retry(f"the connection ended after {size - remaining} of {size} bytes")
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _Retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
-
-
-async def _copy_local(path: str, partial: Path, size: int, settings: UpdaterSettings,
-                      progress: ProgressFn | None) -> None:
-    try:
-        src = open(path, "rb")
-    except OSError as exc:
-        raise DownloadError(f"cannot read {path}: {exc.strerror or exc}",
-                            fix="is the USB stick mounted?") from exc
-    with src, open(partial, "ab", buffering=0) as dst:
-        offset = partial.stat().st_size
-        src.seek(offset)
-        remaining = size - offset
-        while remaining:
-            chunk = await asyncio.to_thread(src.read, min(remaining, settings.chunk_kib * 1024))
-            if not chunk:
-                raise SizeMismatch(f"{path} has {size - remaining} bytes, the signed size is {size}")
-            dst.write(chunk)
-            remaining -= len(chunk)
-            if progress:
-                progress(size - remaining, size)
-        if src.read(1):
-            raise SizeMismatch(f"{path} is larger than the signed {size} bytes")
-
-
 # -- the updater ---------------------------------------------------------------------
 
 
@@ -736,9 +549,9 @@ class Updater:
         need = max(m.size - have, 0) + self.settings.min_free_mb * 1024 * 1024
         free = self.store.free_bytes()
         if free < need:
-            raise DiskFull(f"{self.store.root}: {what} needs {_fmt_bytes(need)} free "
-                           f"({_fmt_bytes(m.size)} + {self.settings.min_free_mb} MiB margin), "
-                           f"{_fmt_bytes(free)} available",
+            raise DiskFull(f"{self.store.root}: {what} needs {format_bytes(need)} free "
+                           f"({format_bytes(m.size)} + {self.settings.min_free_mb} MiB margin), "
+                           f"{format_bytes(free)} available",
                            fix=f"free space on the filesystem of {self.store.root}")
         source = resolve_url(self.manifest_url, m.url)
         self.progress = _Progress(version=m.version, done=have, total=m.size)
@@ -833,7 +646,7 @@ def cmd_models_list(state_dir: str = STATE_DIR, as_json: bool = False) -> int:
     print(f"{'STATE':9} {'NAME':20} {'VERSION':16} {'RUNTIME':9} {'SIZE':>10}  SHA256")
     for e in entries:
         state = e.state + ("" if e.state != "current" or e.confirmed else "*")
-        print(f"{state:9} {e.name:20} {e.version:16} {e.runtime:9} {_fmt_bytes(e.size):>10}  "
+        print(f"{state:9} {e.name:20} {e.version:16} {e.runtime:9} {format_bytes(e.size):>10}  "
               f"{e.sha256[:12]}" + (f"  ({e.reason})" if e.reason else ""))
     if any(e.state == "current" and not e.confirmed for e in entries):
         print("* on trial: not yet confirmed by healthy frames")
@@ -852,7 +665,7 @@ class _TtyBar:
         width = 30
         fill = int(width * done / total) if total else width
         sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {100 * done / max(total, 1):5.1f}% "
-                         f"{_fmt_bytes(done)} / {_fmt_bytes(total)}")
+                         f"{format_bytes(done)} / {format_bytes(total)}")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
