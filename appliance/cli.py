@@ -179,6 +179,65 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _signal_daemon(config: Config) -> None:
+    """Tell a running daemon to look at the model store again (SIGHUP, like `systemctl reload`)."""
+    from appliance.status import query_status
+
+    try:
+        pid = query_status(config.status.socket).get("pid")
+    except (OSError, ValueError):
+        print("the appliance is not running: the change applies at its next start")
+        return
+    if isinstance(pid, int):
+        os.kill(pid, signal.SIGHUP)
+        print(f"told the running appliance (pid {pid}) to switch")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from appliance import manifest, models
+
+    action = args.action
+    if action == "keygen":
+        return manifest.cmd_models_keygen(args.dir)
+    if action == "sign":
+        return manifest.cmd_models_sign(args.manifest, args.key)
+    if action == "publish":
+        return manifest.cmd_models_publish(
+            args.model, args.out, args.key, args.name, args.version, args.runtime,
+            base_url=args.base_url, notes=args.notes,
+        )
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        config = exc.usable or _fail_config(exc)
+    directory = config.models.directory
+    if action == "list":
+        return models.cmd_models_list(directory, as_json=args.json)
+    if action == "rollback":
+        code = models.cmd_models_rollback(directory)
+        if code == EXIT_OK:
+            _signal_daemon(config)
+        return code
+    # update --now
+    if not config.models.manifest_url:
+        print("[models] manifest_url is not set: nothing to update from", file=sys.stderr)
+        return EXIT_CONFIG
+    from appliance.model_updates import trusted_keys
+
+    keys = [key.text() for key in trusted_keys(config.models.public_key)]
+    code = models.cmd_models_update(directory, config.models.manifest_url, keys,
+                                    keep_previous=config.models.keep_previous, activate=args.activate)
+    if code == EXIT_OK:
+        _signal_daemon(config)
+    return code
+
+
+def _fail_config(exc: ConfigError) -> Config:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -218,6 +277,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", help="status socket (default: [status] socket)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", help="avatar models: list, update, roll back; publish (operator side)")
+    msub = models.add_subparsers(dest="action", required=True)
+    m_list = msub.add_parser("list", help="the models on this kiosk and their state")
+    with_config(m_list)
+    m_list.add_argument("--json", action="store_true")
+    m_update = msub.add_parser("update", help="check the manifest now, download and verify a new model")
+    with_config(m_update)
+    m_update.add_argument("--now", action="store_true", required=True, help="do it now (required)")
+    m_update.add_argument("--activate", action="store_true",
+                          help="also switch to it (when the daemon is stopped; a running one switches itself)")
+    m_rollback = msub.add_parser("rollback", help="go back to the previous model (marks the current one bad)")
+    with_config(m_rollback)
+    m_keygen = msub.add_parser("keygen", help="make an ed25519 signing key pair (operator side)")
+    m_keygen.add_argument("dir")
+    m_sign = msub.add_parser("sign", help="(re)sign a manifest (operator side)")
+    m_sign.add_argument("manifest")
+    m_sign.add_argument("--key", required=True)
+    m_publish = msub.add_parser("publish", help="copy a model into a directory with a signed manifest")
+    m_publish.add_argument("model")
+    m_publish.add_argument("--out", required=True)
+    m_publish.add_argument("--key", required=True)
+    m_publish.add_argument("--name", required=True)
+    m_publish.add_argument("--version", required=True)
+    m_publish.add_argument("--runtime", required=True, choices=["reference", "bithuman"])
+    m_publish.add_argument("--base-url", default="", help="URL the directory will be served at")
+    m_publish.add_argument("--notes", default="")
+    models.set_defaults(func=cmd_models)
 
     demo = sub.add_parser(
         "demo", help="join the dev server as an agent, make the kiosk speak, record an MP4"

@@ -141,6 +141,8 @@ class ModelsSection:
     warmup_timeout_s: float = setting(
         120.0, "a new model must render healthy frames within this time, or it is marked bad", min=5, max=900
     )
+    min_free_mb: int = setting(64, "space to leave free on the models' filesystem after a download",
+                               min=0, max=100000)
 
 
 @dataclass(frozen=True)

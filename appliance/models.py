@@ -594,7 +594,9 @@ class Updater:
             "state": self.state.value,
             "reason": self._state.reason,
             "current": current.version if current else None,
+            "confirmed": current.confirmed if current else None,
             "previous": previous.version if previous else None,
+            "bad": sorted(e.version for e in self.store.list() if e.state == "bad"),
             "download": {"version": p.version, "bytes": p.done, "total": p.total}
             if self.state is UpdateState.DOWNLOADING else None,
             "last_check_ago_s": round(time.monotonic() - self.last_check, 1) if self.last_check else None,

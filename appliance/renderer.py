@@ -385,6 +385,12 @@ class Renderer:
                 continue
             yield frame
 
+    def skip_backlog(self, keep: int = 1) -> None:
+        """Drop all but the newest ``keep`` pending frames (a warm spare about to go live)."""
+        while len(self._pending) > keep:
+            self._pending.popleft()
+            self.dropped_frames += 1
+
     def push_audio(self, pcm16: bytes, sample_rate: int, last_chunk: bool = False) -> bool:
         """Queue speech for the child (mono int16 LE). False if no child can take it now."""
         return self._send(PushAudio(sample_rate, last_chunk, bytes(pcm16)))

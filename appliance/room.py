@@ -114,6 +114,11 @@ class KioskRoom:
         self._stopping = False
         self._playback = _Playback()
 
+    @property
+    def speaking(self) -> bool:
+        """A reply is being received or played (model swaps wait for this to end)."""
+        return self._playback.active
+
     # -- state ---------------------------------------------------------------
 
     def _set_state(self, new: RoomState, reason: str) -> None:

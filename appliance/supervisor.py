@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from typing import Any
 
 from appliance.config import Config, ConfigError, effective_values, save_last_good
 from appliance.logs import apply_levels
+from appliance.manifest import UpdateError
+from appliance.model_updates import ModelUpdates
+from appliance.models import ModelEntry
 from appliance.notify import Notifier
 from appliance.reload import diff_configs
 from appliance.renderer import Renderer, RendererSpec
@@ -68,12 +72,13 @@ def make_token_source(config: Config) -> TokenSource:
                         identity=lk.identity, ttl_s=lk.token_ttl_s)
 
 
-def renderer_spec(config: Config) -> RendererSpec:
+def renderer_spec(config: Config, entry: ModelEntry | None = None) -> RendererSpec:
+    """What to render: the model store's current model when updates are on, else [avatar]."""
     avatar = config.avatar
     secret = config.secret("avatar.api_secret")
     return RendererSpec(
-        runtime=avatar.runtime,
-        model=avatar.model or bundled_model(),
+        runtime=entry.runtime if entry and entry.path else avatar.runtime,
+        model=entry.path if entry and entry.path else (avatar.model or bundled_model()),
         width=avatar.width,
         height=avatar.height,
         api_secret=secret.reveal() if secret else None,
@@ -116,7 +121,11 @@ class Supervisor:
         self.ready = False
         self.started_at = time.monotonic()
         self.renderer: Renderer | None = None
+        self.spec: RendererSpec | None = None  # what self.renderer renders
+        self._generation = 1  # renderers are named #1, #2... as models are swapped in
         self.room: KioskRoom | None = None
+        self.updates: ModelUpdates | None = None
+        self._updates_task: asyncio.Task[None] | None = None
         self._room_task: asyncio.Task[None] | None = None
         self.last_frame_at: float | None = None
         self.fps_meter = _FpsMeter()
@@ -133,15 +142,44 @@ class Supervisor:
         """Warm the renderer (first frames flowing), then join the room in the background."""
         if not self.config_problems:
             save_last_good(self.config)
-        self.renderer = await self._start_renderer(self.config)
+        entry = self._start_updates(self.config)
+        self.spec = renderer_spec(self.config, entry)
+        self.renderer = await self._start_renderer(self.spec, self.config)
         self._tasks.append(asyncio.create_task(self._pump_frames(), name="frame-pump"))
         self._start_room(self.config)
 
-    async def _start_renderer(self, config: Config) -> Renderer:
+    def _start_updates(self, config: Config) -> ModelEntry | None:
+        """Model updates, when [models] manifest_url is set; returns the store's current model."""
+        if not config.models.manifest_url:
+            return None
+        try:
+            self.updates = ModelUpdates(config, swap=self._swap_to_entry, is_idle=self.is_idle,
+                                        healthy=self.healthy)
+        except (UpdateError, ValueError, OSError) as exc:
+            line = exc.operator_line() if isinstance(exc, UpdateError) else str(exc)
+            log.error("[models]: updates disabled: %s", line, extra={"reason": line})
+            return None
+        current = self.updates.current()
+
+        async def run(updates: ModelUpdates) -> None:
+            await updates.startup_trial()
+            await updates.run()
+
+        self._updates_task = asyncio.create_task(run(self.updates), name="model-updates")
+        return current
+
+    async def _stop_updates(self) -> None:
+        task, self._updates_task, self.updates = self._updates_task, None, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _start_renderer(self, spec: RendererSpec, config: Config) -> Renderer:
         renderer = Renderer(
-            renderer_spec(config),
+            spec,
             stall_timeout_s=config.avatar.stall_timeout_s,
-            name="main",
+            name="#1",
             on_state=lambda old, new, reason: self._status_changed(),
         )
         try:
@@ -150,7 +188,7 @@ class Supervisor:
         except RuntimeFailure as exc:
             # a bad model or credential: keep the process up, say why, let the renderer retry
             self.problem = exc.operator_line()
-            log.error("%s", self.problem, extra={"reason": self.problem, "model": config.avatar.model})
+            log.error("%s", self.problem, extra={"reason": self.problem, "model": spec.model})
         return renderer
 
     def _start_room(self, config: Config) -> None:
@@ -216,6 +254,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Leave the room, stop the renderer; bounded by the callers' timeout."""
+        await self._stop_updates()
         await self._stop_room()
         for task in self._tasks:
             task.cancel()
@@ -267,8 +306,11 @@ class Supervisor:
                 self.notifier.ready(self.status_line())
             self.config_problems = []
             changed = diff_configs(self.config, new)
+            if self.updates is not None:
+                self.updates.check_now()  # `appliance models update --now` / rollback signal us
             if not changed:
                 log.info("config reloaded (%s): no change", trigger)
+                await self._apply(new, [])  # the model store may have switched (rollback)
                 return True
             log.info("config reloaded (%s): %s changed", trigger, ", ".join(changed))
             await self._apply(new, changed)
@@ -277,36 +319,72 @@ class Supervisor:
             return True
 
     async def _apply(self, new: Config, changed: list[str]) -> None:
-        old, self.config = self.config, new
+        self.config = new
         restart_only = [key for key in changed if key in RESTART_ONLY]
         if restart_only:
             log.warning("%s: takes effect at the next restart (`systemctl restart appliance`)",
                         ", ".join(restart_only))
-        if any(key.startswith(("avatar.runtime", "avatar.model", "secret avatar")) for key in changed):
-            await self._swap_renderer(new)
-        elif "avatar.stall_timeout_s" in changed and self.renderer is not None:
-            self.renderer.stall_timeout_s = new.avatar.stall_timeout_s
         if any(key.startswith("logging.") for key in changed):
             apply_levels(new.logging.level, new.logging.sdk_level)
+        if any(key.startswith("models.") for key in changed):
+            await self._stop_updates()
+            self._start_updates(new)
+        if "avatar.stall_timeout_s" in changed and self.renderer is not None:
+            self.renderer.stall_timeout_s = new.avatar.stall_timeout_s
+        wanted = renderer_spec(new, self.updates.current() if self.updates else None)
+        if wanted != self.spec:
+            reason = await self._warm_and_switch(wanted, new.models.warmup_timeout_s)
+            if reason is not None:
+                log.error("new model not used: %s; the current one keeps serving", reason,
+                          extra={"reason": reason, "model": wanted.model})
         if any(key.startswith(("livekit.", "secret livekit")) for key in changed):
             log.info("rejoining: LiveKit settings changed", extra={"room": new.livekit.room})
             await self._stop_room()
             self._start_room(new)
-        del old
 
-    async def _swap_renderer(self, config: Config) -> None:
-        """Warm the new model beside the old one; switch on a frame boundary; close the old."""
-        log.info("warming %s model %s beside the current one", config.avatar.runtime,
-                 renderer_spec(config).model, extra={"model": config.avatar.model})
-        fresh = await self._start_renderer(config)
-        if fresh.state is not RendererState.RUNNING:
-            log.error("new model did not start; keeping the current one", extra={"reason": self.problem})
+    async def _swap_to_entry(self, entry: ModelEntry, deadline_s: float) -> str | None:
+        return await self._warm_and_switch(renderer_spec(self.config, entry), deadline_s)
+
+    async def _warm_and_switch(self, spec: RendererSpec, deadline_s: float) -> str | None:
+        """Warm ``spec`` in a second renderer while the current one keeps publishing; switch
+        on a frame boundary once it renders healthily. Returns why it failed, or None."""
+        log.info("warming %s model %s beside the current one", spec.runtime, spec.model,
+                 extra={"model": spec.model, "backend": spec.runtime})
+        self._generation += 1
+        fresh = Renderer(spec, stall_timeout_s=self.config.avatar.stall_timeout_s, name=f"#{self._generation}",
+                         on_state=lambda old, new, reason: self._status_changed())
+        deadline = time.monotonic() + deadline_s
+        reason: str | None = None
+        try:
+            await asyncio.wait_for(fresh.start(), timeout=deadline_s)
+            # healthy = frames at (nearly) the full rate for a second, not just one frame
+            while fresh.fps < 0.8 * (fresh.video.fps if fresh.video else 25.0) or fresh.state is not RendererState.RUNNING:
+                if time.monotonic() > deadline:
+                    reason = f"rendered {fresh.fps:.1f} fps, not a healthy rate, within {deadline_s:.0f} s"
+                    break
+                await asyncio.sleep(0.2)
+        except RuntimeFailure as exc:
+            reason = exc.operator_line()
+        except TimeoutError:
+            reason = f"no frame within {deadline_s:.0f} s"
+        if reason is not None:
             await fresh.close()
-            return
-        old, self.renderer = self.renderer, fresh  # the pump switches at its next frame
+            return reason
+        fresh.skip_backlog()
+        old, self.renderer, self.spec = self.renderer, fresh, spec  # the pump switches at its next frame
+        self.problem = ""
+        log.info("now rendering %s", spec.model, extra={"model": spec.model, "backend": spec.runtime})
         if old is not None:
             old.interrupt()
             await old.close()
+        return None
+
+    def is_idle(self) -> bool:
+        return self.room is None or not self.room.speaking
+
+    def healthy(self) -> bool:
+        renderer = self.renderer
+        return renderer is not None and renderer.state is RendererState.RUNNING and self.frames_flowing(1.0)
 
     # -- speech (the room's SpeechSink): always the current renderer ------------------
 
@@ -354,6 +432,10 @@ class Supervisor:
             state = self.renderer.state.value if self.renderer else "starting"
             return f"renderer {state}" + (f": {self.problem}" if self.problem else "")
         fps = f"{self.fps_meter.fps(now):.1f} fps"
+        updates = self.updates.updater if self.updates else None
+        if updates is not None and updates.progress.total and updates.state.value == "downloading":
+            share = 100 * updates.progress.done / updates.progress.total
+            fps += f" · downloading model {updates.progress.version} ({share:.0f}%)"
         room = self.room
         if room is None:
             return f"rendering · {runtime} · {fps} · not joining: {self.problem}"
@@ -371,7 +453,9 @@ class Supervisor:
             "status": self.status_line(),
             "uptime_s": round(now - self.started_at, 1),
             "runtime": self.config.avatar.runtime,
-            "model": renderer_spec(self.config).model,
+            "model": self.spec.model if self.spec else None,
+            "models": self.updates.status() if self.updates else None,
+            "pid": os.getpid(),
             "fps_10s": round(self.fps_meter.fps(now), 2),
             "renderer": {
                 "state": renderer.state.value if renderer else None,
