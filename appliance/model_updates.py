@@ -34,8 +34,9 @@ log = logging.getLogger("appliance.model_updates")
 
 SOAK_S = 5.0  # a swapped-in model must stay healthy this long before it is confirmed good
 
-# swap(entry, deadline_s) -> None on success, else the operator-facing reason it failed
-SwapFn = Callable[[ModelEntry, float], Awaitable[str | None]]
+# swap(entry, deadline_s) -> None on success, else the operator-facing reason it failed;
+# entry None means the configured [avatar] model (what served before the store had one)
+SwapFn = Callable[[ModelEntry | None, float], Awaitable[str | None]]
 
 
 def trusted_keys(spec: str) -> list[Any]:
@@ -133,8 +134,8 @@ class ModelUpdates:
             await asyncio.sleep(0.5)
             if not self._healthy():
                 back = self._bad(version, f"stopped rendering within {SOAK_S:.0f} s of going live")
-                if back is not None and back.path:
-                    await self._swap(back, self.config.models.warmup_timeout_s)
+                await self._swap(back if back is not None and back.path else None,
+                                 self.config.models.warmup_timeout_s)
                 return False
         self.updater.mark_good(version)
         log.info("model %s %s is live and confirmed", entry.name, version, extra={"model": version})
@@ -158,8 +159,7 @@ class ModelUpdates:
                     return
             await asyncio.sleep(0.5)
         back = self._bad(current.version, "did not render after a restart while on trial")
-        if back is not None and back.path:
-            await self._swap(back, self.config.models.warmup_timeout_s)
+        await self._swap(back if back is not None and back.path else None, self.config.models.warmup_timeout_s)
 
     def status(self) -> dict[str, Any]:
         status = self.updater.status()

@@ -380,7 +380,9 @@ class ModelStore:
             self.ops.write_atomic(self.root / "bad.json", json.dumps(bad, indent=1).encode())
             log.warning("model %s marked bad: %s", version, reason, extra={"model": version, "reason": reason})
             state = self._state()
-            if entry is not None and entry.state == "current" and state["previous"]:
+            if entry is not None and entry.state == "current":
+                # back to the previous model; with none, to no current at all, so that the
+                # configured [avatar] model (what served before the store had one) serves again
                 self._write_state({"current": state["previous"],
                                    "previous": state["kept"][0] if state["kept"] else None,
                                    "kept": state["kept"][1:], "confirmed": True})

@@ -342,7 +342,7 @@ class Supervisor:
             await self._stop_room()
             self._start_room(new)
 
-    async def _swap_to_entry(self, entry: ModelEntry, deadline_s: float) -> str | None:
+    async def _swap_to_entry(self, entry: ModelEntry | None, deadline_s: float) -> str | None:
         return await self._warm_and_switch(renderer_spec(self.config, entry), deadline_s)
 
     async def _warm_and_switch(self, spec: RendererSpec, deadline_s: float) -> str | None:
