@@ -26,6 +26,7 @@ from appliance.config import (
     config_paths,
     load_config,
     load_last_good,
+    notes,
     render_default_toml,
 )
 from appliance.logs import setup_logging
@@ -52,6 +53,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     shown = ", ".join(str(p) for p in paths) or "built-in defaults"
     print(f"ok: {shown}")
+    for note in notes(load_config(paths)):
+        print(f"note: {note}")
     return EXIT_OK
 
 
@@ -133,6 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("the configuration has problems; running on %s", what)
         config = fallback
     setup_logging(args.log_level or config.logging.level, config.logging.sdk_level)
+    for note in notes(config):
+        log.warning("%s", note)
     return _run_until_signal(args, config, problems)
 
 

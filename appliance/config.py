@@ -614,6 +614,16 @@ def effective_values(config: Config) -> dict[str, Any]:
     return values
 
 
+def notes(config: Config) -> list[str]:
+    """Valid settings this version does not act on yet: said plainly rather than ignored."""
+    out = []
+    remote = [rung for rung in config.fallback.ladder if rung != "local"]
+    if remote:
+        out.append(f"[fallback] ladder: {', '.join(remote)} not available in this version "
+                   "— the kiosk serves with the local runtime only")
+    return out
+
+
 def render_snapshot(config: Config) -> str:
     """The config as one TOML file (non-default values; secrets only as file paths)."""
     out = ["# the last configuration that loaded; used when the current one cannot be"]
