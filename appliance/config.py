@@ -100,7 +100,7 @@ class LiveKitSection:
     )
     max_bitrate_kbps: int = setting(1500, "video bitrate cap", min=100, max=20000)
     connect_timeout_s: float = setting(10.0, "give up one connection attempt after this", min=1, max=120)
-    retry_max_s: float = setting(30.0, "longest wait between reconnection attempts", min=1, max=600)
+    retry_max_s: float = setting(10.0, "longest wait between reconnection attempts", min=1, max=600)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class RoomOptions:
     simulcast: bool = False
     max_bitrate_kbps: int = 1500
     connect_timeout_s: float = 10.0
-    retry_max_s: float = 30.0
+    retry_max_s: float = 10.0
 
 
 class _Playback:
@@ -145,6 +145,7 @@ class KioskRoom:
                 reason = str(exc)
             except rtc.ConnectError as exc:
                 reason = _explain_connect_error(str(exc), self.options)
+                self._tokens.invalidate()  # a refused or stale token: ask for a fresh one next time
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the SDK raises plain exceptions too; keep trying

@@ -237,3 +237,25 @@ async def test_hundred_edits_keep_the_room_live(devserver, kiosk: KioskProcess) 
     assert "config not applied" in log and "config reloaded" in log
     assert secret not in log
     await viewer.close()
+
+
+async def test_server_outage_short_and_long(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+    """A restarted server: the kiosk is back in the room after a short outage, and after one
+    long enough for the SDK to give up (a fresh Room), while the renderer stays warm."""
+    for outage_s in (3.0, 35.0):
+        await devserver.stop()
+        stopped = time.monotonic()
+        await asyncio.sleep(outage_s)
+        status = kiosk.status()
+        assert status["fps_10s"] > 20, "the renderer must stay warm while offline"
+        if outage_s > 30:
+            assert status["room"]["state"] in ("waiting", "connecting"), status["room"]
+            assert status["status"].startswith(("waiting for network", "connecting"))
+        await devserver.start()
+        await kiosk.async_wait_for(lambda s: s["room"]["state"] == "live", 60, "rejoined")
+        print(f"outage {outage_s:.0f} s: live again {time.monotonic() - stopped - outage_s:.1f} s after the server came back")
+        viewer = Viewer(KIOSK, keep_images=False)
+        await viewer.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM, "viewer-after"))
+        await asyncio.wait_for(viewer.video_started.wait(), 20)
+        await viewer.close()
+    assert kiosk.status()["renderer"]["restarts"] == 0
