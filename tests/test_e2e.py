@@ -259,3 +259,25 @@ async def test_server_outage_short_and_long(devserver, kiosk: KioskProcess) -> N
         await asyncio.wait_for(viewer.video_started.wait(), 20)
         await viewer.close()
     assert kiosk.status()["renderer"]["restarts"] == 0
+
+
+async def test_idle_room_never_freezes(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+    """No agent, no audio, for the whole test: resting frames keep arriving and keep moving."""
+    viewer = Viewer(KIOSK)
+    await viewer.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM, "idle-viewer"))
+    await asyncio.wait_for(viewer.video_started.wait(), 20)
+    start = time.monotonic()
+    await asyncio.sleep(10.0)
+    end = time.monotonic()
+    frames = [f for f in viewer.frames if start <= f.at <= end]
+    intervals = viewer.intervals_ms(since=start)
+    print(f"idle 10 s: {len(frames)} frames, max interval {intervals.max():.0f} ms")
+    assert len(frames) >= 10 * 20
+    assert intervals.max() < 250
+    assert _audio_rms(viewer, start, end) < 100
+    # never frozen: over every 2 s the picture changes (blinks, sway, breathing)
+    for t in np.arange(start, end - 2.0, 2.0):
+        window = [f.image for f in frames if t <= f.at <= t + 2.0]
+        diff = max(np.abs(a.astype(np.int16) - window[0]).mean() for a in window[1:])
+        assert diff > 0.2, f"the avatar looked frozen from {t - start:.0f} s"
+    await viewer.close()
