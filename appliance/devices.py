@@ -1,0 +1,105 @@
+"""The kiosk's local devices behind one facade: speaker, microphone, GPIO.
+
+``Devices.open`` never raises for a device: each part that cannot be used
+costs one log line (the setting, what is wrong, the fix), is listed in
+``problems`` for ``appliance status``, and is left out (``speaker`` or
+``microphone`` is None; a missing LED makes ``set_led`` a no-op).
+
+    devices = await asyncio.to_thread(Devices.open, config.audio, config.gpio, loop,
+                                       on_motion=..., on_button=...)
+    devices.speaker.play(frame.audio)          # frame pump, non-blocking
+    async for frame in devices.microphone: ... # 20 ms rtc.AudioFrame, 16 kHz mono
+    devices.set_led(LedState.ON)
+    devices.close()
+
+The parts live in ``audio_devices.py`` (PortAudio) and ``gpio_devices.py`` (gpiozero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .audio_devices import AudioDeviceError, AudioHost, Microphone, Speaker
+from .config import AudioSection, GpioSection
+from .gpio_devices import Gpio, LedState
+
+__all__ = ["Devices", "LedState"]
+
+log = logging.getLogger("appliance.devices")
+
+
+class Devices:
+    """Speaker, microphone and GPIO as configured; any of them may be missing."""
+
+    def __init__(self, host: AudioHost, speaker: Speaker | None, microphone: Microphone | None,
+                 gpio: Gpio | None, problems: list[str]) -> None:
+        self.speaker = speaker
+        self.microphone = microphone
+        self.gpio = gpio
+        self.problems = problems  # operator lines, one per part that could not be used
+        self._host = host
+
+    @classmethod
+    def open(
+        cls,
+        audio: AudioSection,
+        gpio: GpioSection,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        on_motion: Callable[[bool], None] | None = None,
+        on_button: Callable[[bool], None] | None = None,
+    ) -> Devices:
+        """Open what the config names. Blocks while PortAudio probes devices (up to ~1 s on
+        a Pi): call it through ``asyncio.to_thread``. Callbacks run on ``loop``."""
+        host = AudioHost()
+        problems: list[str] = []
+        speaker = microphone = None
+        if audio.speaker.strip():
+            try:
+                speaker = Speaker.open(audio.speaker, audio.speaker_volume, host)
+            except AudioDeviceError as exc:
+                problems.append(cls._report(exc))
+        if audio.microphone.strip():
+            try:
+                microphone = Microphone.open(audio.microphone, loop, host)
+            except AudioDeviceError as exc:
+                problems.append(cls._report(exc))
+        parts = Gpio.open(gpio, loop, on_motion=on_motion, on_button=on_button)
+        problems += parts.problems
+        return cls(host, speaker, microphone, parts, problems)
+
+    @staticmethod
+    def _report(exc: AudioDeviceError) -> str:
+        line = exc.operator_line()
+        log.error("%s", line, extra={"reason": line})
+        return line
+
+    def set_led(self, state: LedState) -> None:
+        if self.gpio is not None:
+            self.gpio.set_led(state)
+
+    def set_volume(self, volume: float) -> None:
+        """Apply a new [audio] speaker_volume without reopening the device."""
+        if self.speaker is not None:
+            self.speaker.volume = volume
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "speaker": self.speaker.stats() if self.speaker else None,
+            "microphone": self.microphone.stats() if self.microphone else None,
+            "led": str(self.gpio.led_state) if self.gpio and self.gpio.led else None,
+            "problems": list(self.problems),
+        }
+
+    def close(self) -> None:
+        """Stop the threads, release the pins (LED off), close PortAudio. Blocks up to ~2 s."""
+        if self.gpio is not None:
+            self.gpio.set_led(LedState.OFF)
+            self.gpio.close()
+        for part in (self.speaker, self.microphone):
+            if part is not None:
+                part.close()
+        self._host.close()
