@@ -621,6 +621,10 @@ def notes(config: Config) -> list[str]:
     if remote:
         out.append(f"[fallback] ladder: {', '.join(remote)} not available in this version "
                    "— the kiosk serves with the local runtime only")
+    if config.audio.microphone:
+        out.append("[audio] microphone: not published in this version — the kiosk publishes the "
+                   "avatar's voice as its microphone track, so the visitor's microphone needs a "
+                   "second participant (and echo cancellation) first")
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +23,8 @@ from importlib import resources
 from typing import Any
 
 from appliance.config import Config, ConfigError, effective_values, save_last_good
+from appliance.devices import Devices
+from appliance.gpio_devices import LedState
 from appliance.logs import apply_levels
 from appliance.manifest import UpdateError
 from appliance.model_updates import ModelUpdates
@@ -125,6 +128,8 @@ class Supervisor:
         self._generation = 1  # renderers are named #1, #2... as models are swapped in
         self.room: KioskRoom | None = None
         self.updates: ModelUpdates | None = None
+        self.devices: Devices | None = None  # speaker, GPIO sensors and LED (optional hardware)
+        self.last_motion: float | None = None  # monotonic time of the last motion/button event
         self._updates_task: asyncio.Task[None] | None = None
         self._room_task: asyncio.Task[None] | None = None
         self.last_frame_at: float | None = None
@@ -142,11 +147,35 @@ class Supervisor:
         """Warm the renderer (first frames flowing), then join the room in the background."""
         if not self.config_problems:
             save_last_good(self.config)
+        await self._open_devices(self.config)
         entry = self._start_updates(self.config)
         self.spec = renderer_spec(self.config, entry)
         self.renderer = await self._start_renderer(self.spec, self.config)
         self._tasks.append(asyncio.create_task(self._pump_frames(), name="frame-pump"))
         self._start_room(self.config)
+
+    async def _open_devices(self, config: Config) -> None:
+        # PortAudio probing can take a second: not on the event loop
+        # the microphone is not published yet (see config.notes): do not capture for nothing
+        audio = dataclasses.replace(config.audio, microphone="")
+        self.devices = await asyncio.to_thread(
+            Devices.open, audio, config.gpio, asyncio.get_running_loop(),
+            on_motion=self._on_presence, on_button=self._on_presence,
+        )
+        for line in self.devices.problems:
+            log.error("%s", line, extra={"reason": line})
+        self.devices.set_led(LedState.BLINK)
+
+    async def _close_devices(self) -> None:
+        devices, self.devices = self.devices, None
+        if devices is not None:
+            await asyncio.to_thread(devices.close)
+
+    def _on_presence(self, active: bool) -> None:
+        """A visitor moved or pressed the button: recorded and shown in status."""
+        if active:
+            self.last_motion = time.monotonic()
+            log.info("visitor presence (motion sensor or button)")
 
     def _start_updates(self, config: Config) -> ModelEntry | None:
         """Model updates, when [models] manifest_url is set; returns the store's current model."""
@@ -256,6 +285,8 @@ class Supervisor:
         """Leave the room, stop the renderer; bounded by the callers' timeout."""
         await self._stop_updates()
         await self._stop_room()
+        if self.devices is not None:
+            self.devices.set_led(LedState.OFF)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -263,6 +294,7 @@ class Supervisor:
                 await task
         if self.renderer is not None:
             await self.renderer.close()
+        await self._close_devices()
 
     async def _report_loop(self) -> None:
         """READY once frames flow; STATUS= as things change; WATCHDOG=1 only while frames advance."""
@@ -326,6 +358,11 @@ class Supervisor:
                         ", ".join(restart_only))
         if any(key.startswith("logging.") for key in changed):
             apply_levels(new.logging.level, new.logging.sdk_level)
+        if changed == ["audio.speaker_volume"] and self.devices is not None:
+            self.devices.set_volume(new.audio.speaker_volume)
+        elif any(key.startswith(("audio.", "gpio.")) for key in changed):
+            await self._close_devices()
+            await self._open_devices(new)
         if any(key.startswith("models.") for key in changed):
             await self._stop_updates()
             self._start_updates(new)
@@ -395,6 +432,8 @@ class Supervisor:
         return self.renderer.flush() if self.renderer else False
 
     def interrupt(self) -> object:
+        if self.devices is not None and self.devices.speaker is not None:
+            self.devices.speaker.clear()  # barge-in: the local speaker stops too
         return self.renderer.interrupt() if self.renderer else False
 
     # -- frames --------------------------------------------------------------------
@@ -409,6 +448,8 @@ class Supervisor:
                 now = time.monotonic()
                 self.last_frame_at = now
                 self.fps_meter.tick(now)
+                if self.devices is not None and self.devices.speaker is not None:
+                    self.devices.speaker.play(frame.audio)  # the same slice the room gets
                 if self.room is not None:
                     await self.room.push_frame(frame)
             else:
@@ -421,6 +462,10 @@ class Supervisor:
     # -- status ------------------------------------------------------------------------
 
     def _status_changed(self) -> None:
+        if self.devices is not None:
+            live = (self.room is not None and self.room.state is RoomState.LIVE
+                    and self.renderer is not None and self.renderer.state is RendererState.RUNNING)
+            self.devices.set_led(LedState.ON if live else LedState.BLINK)
         if self.ready:
             self.notifier.status(self.status_line())
 
@@ -472,6 +517,8 @@ class Supervisor:
                 "frames_published": room.frames_published if room else 0,
             },
             "agent": room.agent_identity if room else None,
+            "devices": self.devices.status() if self.devices else None,
+            "last_presence_ago_s": round(now - self.last_motion, 1) if self.last_motion else None,
             "problem": self.problem or None,
             "config_problems": self.config_problems,
             "config": effective_values(self.config),

@@ -21,7 +21,7 @@ import pytest
 
 from appliance.bench import KioskProcess, write_kiosk_config
 from appliance.demo import AgentVoice, Viewer, make_token, read_wav
-from appliance.reference_runtime import mouth_box_for
+from appliance.reference_runtime import mouth_box_for, mouth_open_fraction
 from appliance.supervisor import bundled_model
 
 KIOSK = "kiosk-e2e"
@@ -53,21 +53,19 @@ async def kiosk(devserver, tmp_path: Path) -> AsyncIterator[KioskProcess]:  # ty
         assert devserver.api_secret not in log, "the LiveKit secret reached the log"
 
 
-def _mouth_activity(
-    viewer: Viewer, start: float, end: float, rest: np.ndarray, box: tuple[int, int, int, int]
-) -> float:
-    """Mean absolute difference of the mouth region from its resting look, over a window."""
-    x0, y0, x1, y1 = box
+def _mouth_open(viewer: Viewer, start: float, end: float, box: tuple[int, int, int, int]) -> float:
+    """Mean share of dark (open-mouth) pixels in the mouth box over a window of received frames.
+
+    Dark-pixel share survives video compression and encoder ramp-up, unlike a pixel diff."""
     window = [f for f in viewer.frames if start <= f.at <= end]
-    sizes = sorted({f.image.shape[:2] for f in window})
-    print(f"frame sizes {start:.1f}..{end:.1f}: {sizes}")
-    diffs = [
-        np.abs(f.image[y0:y1, x0:x1].astype(np.int16) - rest).mean()
-        for f in window
-        if f.image.shape[:2] == (512, 512)
-    ]
-    assert diffs, f"no frames between {start:.2f} and {end:.2f}"
-    return float(np.mean(diffs))
+    assert window, f"no frames between {start:.2f} and {end:.2f}"
+    shares = []
+    for frame in window:
+        # under CPU pressure libwebrtc sends a scaled-down picture: scale the box with it
+        scale = frame.image.shape[1] / 512
+        scaled = (int(box[0] * scale), int(box[1] * scale), int(box[2] * scale) + 1, int(box[3] * scale) + 1)
+        shares.append(mouth_open_fraction(frame.image, scaled))
+    return float(np.mean(shares))
 
 
 def _audio_rms(viewer: Viewer, start: float, end: float) -> float:
@@ -90,12 +88,11 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     idle = [f for f in viewer.frames if idle_start <= f.at <= idle_end]
     assert len(idle) >= 2.5 * 18, f"only {len(idle)} idle frames in 2.5 s"
     height, width = idle[0].image.shape[:2]
-    assert (width, height) == (512, 512)
+    assert (width, height) == (512, 512) or width / height == 1.0, (width, height)
+    width, height = 512, 512
     assert _audio_rms(viewer, idle_start, idle_end) < 200
     box = mouth_box_for(bundled_model(), width, height)
-    x0, y0, x1, y1 = box
-    rest = np.median(np.stack([f.image[y0:y1, x0:x1] for f in idle]), axis=0).astype(np.int16)
-    idle_activity = _mouth_activity(viewer, idle_start, idle_end, rest, box)
+    idle_open = _mouth_open(viewer, idle_start, idle_end, box)
 
     # -- the agent speaks: the mouth moves, audio comes back, playback_finished arrives
     voice = AgentVoice(KIOSK)
@@ -110,14 +107,13 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     position, interrupted = voice.finished[-1]
     assert not interrupted
     assert abs(position - spoken_s) < 0.3, (position, spoken_s)
-    speaking_activity = _mouth_activity(viewer, speech_start + 0.5, speech_end - 0.5, rest, box)
-    assert speaking_activity > 3 * idle_activity + 2, (speaking_activity, idle_activity)
+    speaking_open = _mouth_open(viewer, speech_start + 0.5, speech_end - 0.5, box)
+    print(f"mouth open (dark share of the mouth box): idle {idle_open:.3f}, speaking {speaking_open:.3f}")
+    assert speaking_open > max(0.06, 2.5 * idle_open), (speaking_open, idle_open)
     assert _audio_rms(viewer, speech_start + 0.5, speech_end - 0.5) > 500
     await asyncio.sleep(1.5)
     after = time.monotonic()
-    assert _mouth_activity(viewer, after - 1.0, after, rest, box) < max(
-        2 * idle_activity, idle_activity + 3
-    )
+    assert _mouth_open(viewer, after - 1.0, after, box) < max(0.05, 1.5 * idle_open)
     assert _audio_rms(viewer, after - 1.0, after) < 200
 
     # -- barge-in: clear_buffer() stops the avatar early and reports an interrupted playback
