@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from appliance.errors import OperatorError
+
 from .runtime import AUDIO_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -63,17 +65,11 @@ MIC_QUEUE_FRAMES = 25  # 500 ms of microphone audio waits for the room, then the
 RETRY_MAX_S = 10.0  # longest wait between attempts to reopen a lost device
 
 
-class AudioDeviceError(Exception):
+class AudioDeviceError(OperatorError):
     """A device cannot be used; ``operator_line()`` says which setting and how to fix it."""
 
     def __init__(self, setting: str, message: str, fix: str = "") -> None:
-        super().__init__(message)
-        self.setting = setting
-        self.fix = fix
-
-    def operator_line(self) -> str:
-        fix = f" — {self.fix}" if self.fix else ""
-        return f"{self.setting}: {self}{fix}"
+        super().__init__(message, setting=setting, fix=fix)
 
 
 # -- native library noise -------------------------------------------------------------------

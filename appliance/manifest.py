@@ -77,6 +77,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance import __version__
+from appliance.errors import OperatorError
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -129,21 +130,8 @@ _OPTIONAL: dict[str, type] = {"published_at": str, "notes": str, "signature": st
 # -- errors ---------------------------------------------------------------------------
 
 
-class UpdateError(Exception):
+class UpdateError(OperatorError):
     """A model update did not happen. The message is one line an operator can act on."""
-
-    def __init__(self, message: str, *, setting: str = "", fix: str = "") -> None:
-        super().__init__(message)
-        self.setting = setting
-        self.fix = fix
-
-    def operator_line(self) -> str:
-        parts = [str(self)]
-        if self.setting:
-            parts.insert(0, f"{self.setting}:")
-        if self.fix:
-            parts.append(f"— {self.fix}")
-        return " ".join(parts)
 
 
 class ManifestError(UpdateError):

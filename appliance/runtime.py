@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from appliance.errors import OperatorError
+
 __all__ = [
     "Frame",
     "VideoSpec",
@@ -65,21 +67,8 @@ class Frame:
     meta: dict[str, str] = field(default_factory=dict)
 
 
-class RuntimeFailure(Exception):
+class RuntimeFailure(OperatorError):
     """The runtime cannot serve. The message is one line an operator can act on."""
-
-    def __init__(self, message: str, *, setting: str = "", fix: str = "") -> None:
-        super().__init__(message)
-        self.setting = setting
-        self.fix = fix
-
-    def operator_line(self) -> str:
-        parts = [str(self)]
-        if self.setting:
-            parts.insert(0, f"{self.setting}:")
-        if self.fix:
-            parts.append(f"— {self.fix}")
-        return " ".join(parts)
 
 
 class ModelMissing(RuntimeFailure):
