@@ -392,6 +392,11 @@ def read_secret_file(reference: str, key: str, origin: str) -> tuple[Secret | No
     try:
         st = candidate.stat()
     except FileNotFoundError:
+        if creds is not None and candidate.parent == creds:
+            # systemd copies credentials at start only: a reload cannot pick a new one up
+            return None, Problem(origin, None, key, f"systemd credential {reference!r} was not found",
+                                 f"put the secret in /etc/credstore/{reference} (chmod 600), "
+                                 "then `systemctl restart appliance`")
         return None, Problem(origin, None, key, f"secret file {candidate} does not exist",
                              f"create it with the secret and `chmod 600 {candidate}`")
     except PermissionError:

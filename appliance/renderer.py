@@ -170,14 +170,18 @@ class _Child:
         self._writer.write(encode(msg))
         return True
 
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+    # arrives as the event fires, and close() then waits for the supervision task forever
     async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.wakeup.wait(), max(timeout, 0.0))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self.wakeup.wait()
         self.wakeup.clear()
 
     async def wait_exit(self, timeout: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.exited.wait(), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.exited.wait()
         return self.exited.is_set()
 
     def _check_exit(self) -> None:
@@ -571,6 +575,8 @@ class Renderer:
         deadline = time.monotonic() + self.warmup_timeout_s
         warming = False
         while not child.frames:
+            if self._closed:
+                return _Outcome("closed")
             if child.hello_at is not None and not warming:
                 warming = True
                 self._set_state(State.WARMING, f"child {child.pid} opening {s.model}")
@@ -599,6 +605,8 @@ class Renderer:
         last_ping = 0.0
         while True:
             await child.wait(tick)
+            if self._closed:
+                return _Outcome("closed")
             now = time.monotonic()
             if child.failure is not None or child.eof:
                 return await self._ended(child)

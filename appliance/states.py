@@ -58,7 +58,8 @@ class StateCell(Generic[S]):
         if old is new and reason == self.reason:
             return
         self.value, self.reason = new, reason
-        self._logger.log(level, "%s: %s → %s (%s)", self._who, old, new, reason)
+        self._logger.log(level, "%s: %s → %s (%s)", self._who, old, new, reason,
+                         extra={"state": new.value, "reason": reason, "renderer": self._who})
         if self._on_change is not None:
             try:
                 self._on_change(old, new, reason)

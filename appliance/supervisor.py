@@ -64,7 +64,7 @@ def make_token_source(config: Config) -> TokenSource:
     if lk.api_key and lk.api_secret_file and secret is None:
         raise TokenError(
             f"[livekit] api_secret_file: the secret in {lk.api_secret_file} could not be read (see above);"
-            " not joining — fix the file, then `systemctl reload appliance`"
+            " not joining — fix it, then `systemctl restart appliance`"
         )
     if not lk.api_key or secret is None:
         raise TokenError(
