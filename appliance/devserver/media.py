@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ RELIABLE = "_reliable"
 LOSSY = "_lossy"
 
 # How long we wait for the client's answer to a subscriber offer before re-offering.
+CONNECT_TIMEOUT_S = 15.0
 ANSWER_TIMEOUT = 10.0
 
 
@@ -330,10 +332,21 @@ class SubscriberPeer(_Peer):
                     sub.confirmed = True
                     self._on_subscribed(sub.track_sid)
             if not self._first_answered:
+                # aiortc starts a sender only if the transport is already connected when the
+                # answer is applied; tracks offered while the first DTLS handshake is still
+                # running would never send. So the tracks wait for the connection.
+                await self._wait_connected(CONNECT_TIMEOUT_S)
                 self._first_answered = True
                 deferred, self._deferred = self._deferred, {}
                 for track_sid, (participant_sid, fanout) in deferred.items():
                     self.add_track(participant_sid, track_sid, fanout)
+
+    async def _wait_connected(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.pc.connectionState != "connected" and time.monotonic() < deadline:
+            if self._closed or self.pc.connectionState in ("failed", "closed"):
+                return
+            await asyncio.sleep(0.02)
 
     async def handle_answer(self, answer_sdp: str) -> None:
         if self.pc.signalingState != "have-local-offer":
