@@ -128,7 +128,7 @@ class ModelUpdates:
         if reason is not None:
             self._bad(version, reason)
             return False
-        self.updater.activate(version)
+        await asyncio.to_thread(self.updater.activate, version)  # fsyncs: off the event loop
         soak_until = time.monotonic() + SOAK_S
         while time.monotonic() < soak_until:
             await asyncio.sleep(0.5)
@@ -137,7 +137,7 @@ class ModelUpdates:
                 await self._swap(back if back is not None and back.path else None,
                                  self.config.models.warmup_timeout_s)
                 return False
-        self.updater.mark_good(version)
+        await asyncio.to_thread(self.updater.mark_good, version)
         log.info("model %s %s is live and confirmed", entry.name, version, extra={"model": version})
         return True
 

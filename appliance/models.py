@@ -544,8 +544,8 @@ class Updater:
         staged = self.store.get(m.version)
         if staged is not None and staged.sha256 == m.sha256 and staged.state == "staged":
             return UpdateResult(Outcome.STAGED, f"{what} is staged", m, staged)
-        self.store.open()  # creates the layout, recovers from a power cut
-        self.store.drop_partials(keep_sha256=m.sha256)
+        await asyncio.to_thread(self.store.open)  # creates the layout, recovers from a power cut
+        await asyncio.to_thread(self.store.drop_partials, keep_sha256=m.sha256)
         partial = self.store.partial_path(m.sha256)
         have = partial.stat().st_size if partial.exists() else 0
         need = max(m.size - have, 0) + self.settings.min_free_mb * 1024 * 1024
@@ -566,7 +566,8 @@ class Updater:
             await download(source, partial, size=m.size, sha256=m.sha256, settings=self.settings,
                            session=session, progress=self._on_progress)
             self._state.set(UpdateState.VERIFYING, what)
-            entry = self.store.stage(m, partial)
+            # fsync of a large model can take seconds on an SD card: never on the event loop
+            entry = await asyncio.to_thread(self.store.stage, m, partial)
         Path(str(partial) + ".lock").unlink(missing_ok=True)
         return UpdateResult(Outcome.STAGED, f"{what} is staged", m, entry)
 

@@ -89,6 +89,7 @@ State = RendererState
 _FPS_WINDOW_S = 10.0
 _PING_EVERY_S = 1.0
 _spawn_ids = count(1)
+SPARE_NICE = 10  # idle spares start at a lower CPU priority
 
 
 @dataclass(frozen=True)
@@ -451,7 +452,7 @@ class Renderer:
         self._pending.append((child.ring, slot, seq))
         self._frame_event.set()
 
-    async def _spawn(self, preload: str = "") -> _Child:
+    async def _spawn(self, preload: str = "", nice: int = 0) -> _Child:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
         shm_name = f"{SHM_PREFIX}{safe_name}-{os.getpid()}-{next(_spawn_ids)}"
@@ -467,6 +468,10 @@ class Renderer:
             raise
         finally:
             child_sock.close()
+        if nice:
+            # a spare importing numpy must not take CPU from the encoder of the live frames
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
         self.spawned += 1
         child = _Child(proc, parent_sock, shm_name)
         self._children.add(child)  # from here on close() will reap it, even if we are cancelled
@@ -477,10 +482,22 @@ class Renderer:
     async def _take_child(self) -> _Child:
         spare, self._spare = self._spare, None
         if spare is not None and spare.alive and not spare.eof:
+            try:  # back to normal priority now that it renders (needs root or LimitNICE=)
+                os.setpriority(os.PRIO_PROCESS, spare.pid, 0)
+            except OSError as exc:
+                log.debug("renderer %s: child %d stays at lower priority: %s", self.name, spare.pid, exc)
             return spare
         if spare is not None:
             self._retire(spare, dump=False)
         return await self._spawn()
+
+    def adopt_spare(self, other: Renderer) -> None:
+        """Start from ``other``'s idle spare child (interpreter and imports already loaded):
+        warming a new model beside a live one then costs no Python start-up CPU."""
+        if self._spare is None and other._spare is not None and not self._task:
+            self._spare, other._spare = other._spare, None
+            other._children.discard(self._spare)
+            self._children.add(self._spare)
 
     def _ensure_spare(self) -> None:
         if self.use_spare and self._spare is None and not self._closed:
@@ -489,7 +506,7 @@ class Renderer:
             task.add_done_callback(self._retiring.discard)
 
     async def _make_spare(self) -> None:
-        child = await self._spawn(preload=self.spec.runtime)
+        child = await self._spawn(preload=self.spec.runtime, nice=SPARE_NICE)
         if self._closed or self._spare is not None:
             self._children.discard(child)
             await child.retire(grace_s=self.shutdown_grace_s, dump=False)

@@ -33,7 +33,7 @@ from appliance.notify import Notifier
 from appliance.reload import diff_configs
 from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
-from appliance.runtime import RuntimeFailure, VideoSpec
+from appliance.runtime import Frame, RuntimeFailure, VideoSpec
 from appliance.states import RendererState
 from appliance.status import HealthServer, StatusServer
 from appliance.tokens import FetchedTokens, MintedTokens, TokenError, TokenSource
@@ -390,6 +390,8 @@ class Supervisor:
         self._generation += 1
         fresh = Renderer(spec, stall_timeout_s=self.config.avatar.stall_timeout_s, name=f"#{self._generation}",
                          on_state=lambda old, new, reason: self._status_changed())
+        if self.renderer is not None:
+            fresh.adopt_spare(self.renderer)
         deadline = time.monotonic() + deadline_s
         reason: str | None = None
         try:
@@ -407,7 +409,7 @@ class Supervisor:
         if reason is not None:
             await fresh.close()
             return reason
-        fresh.skip_backlog()
+        fresh.skip_backlog(keep=2)  # two frames absorb the phase offset between the two clocks
         old, self.renderer, self.spec = self.renderer, fresh, spec  # the pump switches at its next frame
         self.problem = ""
         log.info("now rendering %s", spec.model, extra={"model": spec.model, "backend": spec.runtime})
@@ -443,18 +445,21 @@ class Supervisor:
             renderer = self.renderer
             assert renderer is not None
             async for frame in renderer.frames():
+                await self._publish(frame)  # the last old frame too: no frame is thrown away
                 if renderer is not self.renderer:
                     break  # swapped: continue with the new renderer's frames
-                now = time.monotonic()
-                self.last_frame_at = now
-                self.fps_meter.tick(now)
-                if self.devices is not None and self.devices.speaker is not None:
-                    self.devices.speaker.play(frame.audio)  # the same slice the room gets
-                if self.room is not None:
-                    await self.room.push_frame(frame)
             else:
                 if renderer is self.renderer:
                     return  # closed
+
+    async def _publish(self, frame: Frame) -> None:
+        now = time.monotonic()
+        self.last_frame_at = now
+        self.fps_meter.tick(now)
+        if self.devices is not None and self.devices.speaker is not None:
+            self.devices.speaker.play(frame.audio)  # the same slice the room gets
+        if self.room is not None:
+            await self.room.push_frame(frame)
 
     def frames_flowing(self, within_s: float = 1.0) -> bool:
         return self.last_frame_at is not None and time.monotonic() - self.last_frame_at < within_s
