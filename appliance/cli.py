@@ -1,4 +1,4 @@
-"""Command line: ``appliance run|check|dev|demo|config``.
+"""Command line: ``appliance run|check|status|config|models|demo``.
 
 Exit codes (the only place they are decided):
     0  success
@@ -84,12 +84,18 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[s
 
     paths = config_paths(args.config)
 
+    def load_layers() -> Config:
+        # files may appear (a first drop-in) but not vanish: a deleted config is a mistake
+        # to report, not a silent return to the defaults
+        now = config_paths(args.config)
+        return load_config(now + [p for p in paths if p not in now])
+
     async def main() -> None:
         server = None
-        load = lambda: load_config(paths)  # noqa: E731
+        load = load_layers
         if args.dev:
             server = await start_dev_server()
-            load = lambda: dev_overrides(load_config(paths))  # noqa: E731
+            load = lambda: dev_overrides(load_layers())  # noqa: E731
         supervisor = Supervisor(dev_overrides(config) if args.dev else config, load=load)
         supervisor.config_problems = problems
         loop = asyncio.get_running_loop()
