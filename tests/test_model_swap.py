@@ -113,7 +113,9 @@ async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: 
     rollback_start = time.monotonic()
     subprocess.run([sys.executable, "-m", "appliance", "models", "rollback", "--config", str(kiosk.config)],
                    check=True, capture_output=True)
-    await kiosk.async_wait_for(lambda s: _current(s) == "1", 30, "rolled back to model 1")
+    # the store switches at once; the daemon then warms model 1 and swaps to it
+    await kiosk.async_wait_for(lambda s: _current(s) == "1" and "lobby-host-1" in (s["model"] or ""), 30,
+                               "rolled back to model 1")
     await asyncio.sleep(1.0)
     assert np.abs(_background(viewer.frames[-1].image) - background_a).max() < 12
     print(f"max frame interval around the rollback: {_max_interval_ms(viewer, rollback_start, time.monotonic()):.0f} ms")
