@@ -1,16 +1,22 @@
 # Two commands do everything on a fresh Debian 12 machine:
 #   make run    set up, then run the appliance on its embedded defaults (dev server, reference avatar)
 #   make test   set up, then run the whole test suite (includes ruff and mypy)
-# Others: make demo (record the avatar speaking to demo.mp4), make bench, make config.
+# Others: make demo (record the avatar speaking to demo.mp4), make bench, make config,
+#         make image ARCH=amd64|arm64 [BOARD=rpi4], make image-test ARCH=...
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config portaudio19-dev libsystemd-dev \
-                espeak-ng sox iproute2 systemd mmdebstrap systemd-container
+                espeak-ng sox iproute2 systemd mmdebstrap systemd-container \
+                genimage mtools dosfstools e2fsprogs zstd xz-utils qemu-system-x86 ovmf \
+                qemu-system-arm qemu-efi-aarch64 qemu-user-static
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run demo test bench config clean
+ARCH  ?= amd64
+BOARD ?=
+
+.PHONY: setup run demo test bench config image image-test clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +49,13 @@ bench: setup
 
 config: setup
 	$(VENV)/bin/appliance config defaults > config/appliance.toml
+
+# Flashable images (root): ARCH=amd64 | arm64 [BOARD=rpi4]; output in image-build/out/
+image: .apt-stamp
+	$(SUDO) image-build/build.sh --arch $(ARCH) $(if $(BOARD),--board $(BOARD))
+
+image-test: .apt-stamp
+	$(SUDO) image-build/image-test.sh $(ARCH) $(BOARD)
 
 clean:
 	rm -rf $(VENV) .apt-stamp .pytest_cache .mypy_cache .ruff_cache

@@ -74,6 +74,10 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if status.get("problem"):
         lines.append(f"  problem:  {status['problem']}")
+    for line in status.get("config_problems") or []:
+        lines.append(f"  config:   {line}")
+    for line in status.get("boot_config_problems") or []:
+        lines.append(f"  boot config not applied: {line}")
     return "\n".join(lines)
 
 

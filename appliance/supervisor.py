@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from appliance.config import Config, ConfigError, effective_values, save_last_good
@@ -86,6 +87,17 @@ def renderer_spec(config: Config, entry: ModelEntry | None = None) -> RendererSp
         height=avatar.height,
         api_secret=secret.reveal() if secret else None,
     )
+
+
+# written at boot by appliance-boot-config.service when /boot/firmware/appliance.toml is refused
+BOOT_CONFIG_PROBLEMS = Path("/run/appliance-boot-config/problems.txt")
+
+
+def _boot_config_problems() -> list[str]:
+    try:
+        return [line for line in BOOT_CONFIG_PROBLEMS.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
 
 
 class _FpsMeter:
@@ -526,6 +538,7 @@ class Supervisor:
             "last_presence_ago_s": round(now - self.last_motion, 1) if self.last_motion else None,
             "problem": self.problem or None,
             "config_problems": self.config_problems,
+            "boot_config_problems": _boot_config_problems(),
             "config": effective_values(self.config),
             "last_reload": self.last_reload or None,
         }
