@@ -75,20 +75,6 @@ class KioskProcess:
     def status(self) -> dict[str, Any]:
         return query_status(self.socket)
 
-    def wait_for(self, predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kiosk exited ({self.proc.returncode}):\n{self.log()}")
-            with contextlib.suppress(OSError, ValueError):
-                last = self.status()
-                if predicate(last):
-                    return last
-            time.sleep(0.1)
-        raise TimeoutError(f"kiosk never {what}; last status {last}\n{self.log()[-3000:]}")
-
     async def async_wait_for(self, predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
         """Same as wait_for, without blocking the event loop (SDK callbacks keep running)."""
         deadline = time.monotonic() + timeout_s
@@ -100,10 +86,6 @@ class KioskProcess:
                     return last
             await asyncio.sleep(0.1)
         raise TimeoutError(f"kiosk never {what}; last status {last}\n{self.log()[-3000:]}")
-
-    def wait_live(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        return self.wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0,
-                             timeout_s, "went live")
 
     def renderer_pid(self) -> int:
         pid = self.status()["renderer"]["pid"]
@@ -174,8 +156,7 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
         await kiosk.async_wait_for(lambda s: s["renderer"]["restarts"] >= 1 and s["renderer"]["state"] == "running",
                                    30, "restarted the renderer")
         await asyncio.sleep(2.0)
-        around = [t for t in viewer.frame_times if t >= killed_at - 1.0]
-        gap_ms = float(np.max(np.diff(around)) * 1000) if len(around) > 1 else float("nan")
+        gap_ms = viewer.max_interval_ms(since=killed_at - 1.0)
         await viewer.close()
         return {
             "seconds": window,

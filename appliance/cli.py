@@ -45,7 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _check_each(args.files)
     paths = config_paths(args.config)
     try:
-        load_config(paths)
+        config = load_config(paths)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -53,7 +53,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     shown = ", ".join(str(p) for p in paths) or "built-in defaults"
     print(f"ok: {shown}")
-    for note in notes(load_config(paths)):
+    for note in notes(config):
         print(f"note: {note}")
     return EXIT_OK
 

@@ -153,9 +153,15 @@ class Viewer:
             self.audio.append(samples)
             self.audio_times.append(time.monotonic())
 
-    def intervals_ms(self, since: float = 0.0) -> np.ndarray:
-        times = np.array([t for t in self.frame_times if t >= since])
+    def intervals_ms(self, since: float = 0.0, until: float = float("inf")) -> np.ndarray:
+        """Milliseconds between consecutive frame arrivals within [since, until]."""
+        times = np.array([t for t in self.frame_times if since <= t <= until])
         return np.diff(times) * 1000.0
+
+    def max_interval_ms(self, since: float = 0.0, until: float = float("inf")) -> float:
+        """The longest wait for a frame within [since, until] (nan with fewer than 2 frames)."""
+        intervals = self.intervals_ms(since, until)
+        return float(intervals.max()) if len(intervals) else float("nan")
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -144,7 +144,7 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     await _wait_frames_after(viewer, time.monotonic())
     assert status["renderer"]["pid"] != first_renderer
     assert kiosk.proc is not None and kiosk.proc.pid == supervisor_pid and kiosk.proc.poll() is None
-    gap_ms = _max_gap_ms(viewer, killed_at)
+    gap_ms = viewer.max_interval_ms(since=killed_at - 0.5)
     print(f"gap after renderer SIGKILL: {gap_ms:.0f} ms")
 
     # -- renderer SIGSTOP: the stall is noticed and the child replaced
@@ -158,7 +158,7 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     )
     await _wait_frames_after(viewer, time.monotonic())
     print(
-        f"gap after renderer SIGSTOP (stall_timeout_s = 1.0): {_max_gap_ms(viewer, stopped_at):.0f} ms"
+        f"gap after renderer SIGSTOP (stall_timeout_s = 1.0): {viewer.max_interval_ms(since=stopped_at - 0.5):.0f} ms"
     )
     with_reason = kiosk.log()
     assert "SIGKILL" in with_reason or "killed" in with_reason or "died" in with_reason, (
@@ -179,11 +179,6 @@ async def _wait_frames_after(
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the viewer got no frames after the renderer came back")
-
-
-def _max_gap_ms(viewer: Viewer, since: float) -> float:
-    times = np.array([t for t in viewer.frame_times if t >= since - 0.5])
-    return float(np.max(np.diff(times)) * 1000)
 
 
 async def test_hundred_edits_keep_the_room_live(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]

@@ -63,11 +63,6 @@ def _current(status: dict) -> str | None:  # type: ignore[type-arg]
     return (status.get("models") or {}).get("current")
 
 
-def _max_interval_ms(viewer: Viewer, start: float, end: float) -> float:
-    times = np.array([t for t in viewer.frame_times if start <= t <= end])
-    return float(np.max(np.diff(times)) * 1000)
-
-
 async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: ignore[no-untyped-def]
     kiosk, served, key = updating_kiosk
     viewer = Viewer(KIOSK)
@@ -75,7 +70,7 @@ async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: 
     await asyncio.wait_for(viewer.video_started.wait(), 20)
     await asyncio.sleep(3.0)
     baseline_start = time.monotonic() - 2.5
-    baseline_ms = _max_interval_ms(viewer, baseline_start, time.monotonic())
+    baseline_ms = viewer.max_interval_ms(baseline_start, time.monotonic())
     background_a = _background(viewer.frames[-1].image)
 
     # -- a new model is published: pulled, verified, warmed beside the old, swapped
@@ -84,7 +79,7 @@ async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: 
     os.kill(kiosk.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
     status = await kiosk.async_wait_for(lambda s: _current(s) == "2", 30, "switched to model 2")
     await asyncio.sleep(1.0)
-    swap_ms = _max_interval_ms(viewer, swap_start, time.monotonic())
+    swap_ms = viewer.max_interval_ms(swap_start, time.monotonic())
     background_b = _background(viewer.frames[-1].image)
     print(f"\nmax frame interval at the subscriber: around the swap {swap_ms:.0f} ms, "
           f"baseline (no swap) {baseline_ms:.0f} ms")
@@ -103,7 +98,7 @@ async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: 
     await kiosk.async_wait_for(lambda s: "3" in s["models"]["bad"], 30, "marked model 3 bad")
     await asyncio.sleep(1.0)
     assert _current(kiosk.status()) == "2"
-    assert _max_interval_ms(viewer, time.monotonic() - 3, time.monotonic()) < 500
+    assert viewer.max_interval_ms(time.monotonic() - 3, time.monotonic()) < 500
 
     # -- `appliance models list` tells the truth; rollback goes back to model 1, live
     listing = subprocess.run([sys.executable, "-m", "appliance", "models", "list", "--json",
@@ -118,5 +113,5 @@ async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: 
                                "rolled back to model 1")
     await asyncio.sleep(1.0)
     assert np.abs(_background(viewer.frames[-1].image) - background_a).max() < 12
-    print(f"max frame interval around the rollback: {_max_interval_ms(viewer, rollback_start, time.monotonic()):.0f} ms")
+    print(f"max frame interval around the rollback: {viewer.max_interval_ms(rollback_start, time.monotonic()):.0f} ms")
     await viewer.close()
