@@ -10,6 +10,13 @@ nothing in it routes anywhere else.
 afterwards inherit its namespace.  That is why `enter()` must run on the main
 thread before anything (the livekit FFI runtime, aiortc's executors) starts a
 thread: see `tests/conftest.py` (in `pytest_configure`) and `appliance/bench.py`.
+
+Some work must still reach the outside world from such a process (an image or
+rootfs build on a cold cache fetches Debian packages and wheels). `enter()` keeps a
+handle on the namespace the process came from, opened *before* it left, and
+`run_outside()` runs a command there. Keeping the handle matters: the host's
+namespace cannot be found again afterwards on machines where `/proc/1/ns/net` is
+unreadable, and a parent process may have left already.
 """
 
 from __future__ import annotations
@@ -20,9 +27,14 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
+
+# The namespace this process lived in before enter(): an open fd, or None if it never left.
+_origin_fd: int | None = None
 
 # The same addresses in every namespace is fine: namespaces never see each other.
 HOST_A = "10.213.0.1"
@@ -90,14 +102,42 @@ def enter(ns: Netns) -> None:
     """Move the calling thread (and everything it starts later) into `ns`."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("netns.enter() must run on the main thread")
+    global _origin_fd
     libc = ctypes.CDLL(None, use_errno=True)
+    origin = os.open("/proc/self/ns/net", os.O_RDONLY) if _origin_fd is None else None
     fd = os.open(ns.path, os.O_RDONLY)
     try:
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setns({ns.path}): {os.strerror(err)}")
+    except BaseException:
+        if origin is not None:
+            os.close(origin)
+        raise
     finally:
         os.close(fd)
+    if origin is not None:
+        _origin_fd = origin
+
+
+def outside_argv(argv: Sequence[str]) -> tuple[list[str], tuple[int, ...]]:
+    """``argv`` wrapped to run in the namespace this process came from, and the fds the
+    child must inherit for that. Unchanged when the process never entered a namespace."""
+    if _origin_fd is None:
+        return list(argv), ()
+    if shutil.which("nsenter") is None:
+        raise RuntimeError("running a command outside the private network namespace needs"
+                           " nsenter (apt-get install util-linux)")
+    # nsenter opens the inherited fd as its own /proc/self/fd/N
+    return ["nsenter", f"--net=/proc/self/fd/{_origin_fd}", "--", *argv], (_origin_fd,)
+
+
+def run_outside(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run`` in the namespace this process came from (where the network is):
+    for builds that fetch packages while the rest of the process stays private."""
+    wrapped, fds = outside_argv(argv)
+    kwargs["pass_fds"] = tuple(kwargs.get("pass_fds", ())) + fds
+    return subprocess.run(wrapped, **kwargs)
 
 
 def remove(ns: Netns) -> None:

@@ -146,7 +146,10 @@ class Supervisor:
         self._room_task: asyncio.Task[None] | None = None
         self.last_frame_at: float | None = None
         self.fps_meter = _FpsMeter()
-        self.problem: str = ""  # the operator-facing reason we cannot serve, if any
+        # operator-facing reasons, each owned by what produces it: a model swap clears the
+        # renderer's, never the room's
+        self.renderer_problem = ""  # why the model cannot render
+        self.room_problem = ""  # why the kiosk is not joining the room
         self.config_problems: list[str] = []  # why the last reload was refused
         self.last_reload: str = ""
         self._stop = asyncio.Event()
@@ -225,20 +228,22 @@ class Supervisor:
         )
         try:
             await renderer.start()
-            self.problem = ""
+            self.renderer_problem = ""
         except RuntimeFailure as exc:
             # a bad model or credential: keep the process up, say why, let the renderer retry
-            self.problem = exc.operator_line()
-            log.error("%s", self.problem, extra={"reason": self.problem, "model": spec.model})
+            self.renderer_problem = exc.operator_line()
+            log.error("%s", self.renderer_problem,
+                      extra={"reason": self.renderer_problem, "model": spec.model})
         return renderer
 
     def _start_room(self, config: Config) -> None:
         try:
             tokens = make_token_source(config)
         except TokenError as exc:
-            self.problem = str(exc)
-            log.error("%s", self.problem, extra={"reason": self.problem})
+            self.room_problem = str(exc)
+            log.error("%s", self.room_problem, extra={"reason": self.room_problem})
             return
+        self.room_problem = ""
         lk, avatar = config.livekit, config.avatar
         assert self.renderer is not None
         self.room = KioskRoom(
@@ -423,7 +428,7 @@ class Supervisor:
             return reason
         fresh.skip_backlog(keep=2)  # two frames absorb the phase offset between the two clocks
         old, self.renderer, self.spec = self.renderer, fresh, spec  # the pump switches at its next frame
-        self.problem = ""
+        self.renderer_problem = ""
         log.info("now rendering %s", spec.model, extra={"model": spec.model, "backend": spec.runtime})
         if old is not None:
             old.interrupt()
@@ -492,7 +497,7 @@ class Supervisor:
         runtime = self.config.avatar.runtime
         if self.renderer is None or not self.frames_flowing(2.0):
             state = self.renderer.state.value if self.renderer else "starting"
-            return f"renderer {state}" + (f": {self.problem}" if self.problem else "")
+            return f"renderer {state}" + (f": {self.renderer_problem}" if self.renderer_problem else "")
         fps = f"{self.fps_meter.fps(now):.1f} fps"
         updates = self.updates.updater if self.updates else None
         if updates is not None and updates.progress.total and updates.state.value == "downloading":
@@ -500,7 +505,7 @@ class Supervisor:
             fps += f" · downloading model {updates.progress.version} ({share:.0f}%)"
         room = self.room
         if room is None:
-            return f"rendering · {runtime} · {fps} · not joining: {self.problem}"
+            return f"rendering · {runtime} · {fps} · not joining: {self.room_problem}"
         if room.state is RoomState.LIVE:
             return f"live in room {room.options.room} · {runtime} · {fps}"
         if room.state is RoomState.WAITING and room.retry_at is not None:
@@ -536,7 +541,7 @@ class Supervisor:
             "agent": room.agent_identity if room else None,
             "devices": self.devices.status() if self.devices else None,
             "last_presence_ago_s": round(now - self.last_motion, 1) if self.last_motion else None,
-            "problem": self.problem or None,
+            "problem": "; ".join(p for p in (self.renderer_problem, self.room_problem) if p) or None,
             "config_problems": self.config_problems,
             "boot_config_problems": _boot_config_problems(),
             "config": effective_values(self.config),

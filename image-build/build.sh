@@ -96,6 +96,10 @@ in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HO
 
 hash_of() { sha256sum | cut -c1-16; }
 
+# need_network WHAT URL...: a step about to fetch fails in one line if the network is not there
+PYPI_URL="${PIP_INDEX_URL:-https://pypi.org/simple}"
+need_network() { "$HERE/need-network" "$STEP" "$@" || return 1; }
+
 # ---------------------------------------------------------------------------------------------
 
 preflight() {
@@ -152,6 +156,7 @@ app_wheel() {
 # A small venv on the host with a current pip: wheel building and cross-arch downloads.
 tools_venv() {
     if [ ! -x "$CACHE/tools/bin/pip" ] || ! "$CACHE/tools/bin/python" -c 'import setuptools, wheel' 2>/dev/null; then
+        need_network "PyPI (pip, setuptools and wheel for the build tools)" "$PYPI_URL"
         python3 -m venv "$CACHE/tools"
         PIP_CONFIG_FILE=/dev/null "$CACHE/tools/bin/pip" install --quiet --upgrade pip 'setuptools>=68' wheel
     fi
@@ -181,6 +186,7 @@ print(p.get("requires-python"), sorted(p["dependencies"]))' "$REPO/pyproject.tom
         STEP_NOTE="cached ($WHEELHOUSE)"
         return
     fi
+    need_network "PyPI (the dependency wheels for $ARCH; the wheel cache is cold)" "$PYPI_URL"
     local tmp="$WHEELHOUSE.tmp"
     rm -rf "$tmp" && mkdir -p "$tmp"
     python3 - "$REPO/pyproject.toml" > "$tmp/requirements.in" <<'EOF'
@@ -220,6 +226,7 @@ rootfs() {
         STEP_NOTE="cached ($ROOTFS_TAR)"
         return
     fi
+    need_network "the Debian mirrors (the rootfs cache is cold)" "$MIRROR" "$SECURITY_MIRROR"
     export IMG_ARCH="$ARCH" IMG_BOARD="$BOARD" IMG_WHEELHOUSE="$WHEELHOUSE"
     # the host's pip settings must not leak into the chroot's pip
     unset PIP_FIND_LINKS PIP_CONFIG_FILE PIP_INDEX_URL PIP_EXTRA_INDEX_URL

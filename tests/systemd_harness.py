@@ -1,9 +1,9 @@
 """Boot a real systemd in a container around the installed appliance (for test_systemd.py).
 
 * ``build_rootfs()`` runs ``tests/nspawn/mkrootfs.sh`` (cached Debian bookworm rootfs with
-  the appliance's dependencies in /opt/appliance/venv, plus this checkout's wheel) in the
-  host's network namespace: the test process itself lives in a private one (conftest.py)
-  where no mirror is reachable.
+  the appliance's dependencies in /opt/appliance/venv, plus this checkout's wheel) with
+  ``netns.run_outside``, in the network namespace pytest came from: the test process itself
+  lives in a private one (conftest.py) where no mirror is reachable.
 * ``Container`` boots it with ``systemd-nspawn --boot --volatile=overlay --private-network``
   (the cached tree is never written; the container reaches no network at all), finds its
   init process and runs commands inside with ``nsenter``: ``systemctl``, ``journalctl``,
@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from appliance import netns
 
 __all__ = [
     "REPO",
@@ -83,33 +85,12 @@ def _parent_pid(pid: int) -> int:
         return int(handle.read().rsplit(")", 1)[1].split()[1])
 
 
-def _host_netns() -> str | None:
-    """The network namespace to build in, when the test process was moved out of its own.
-
-    conftest.py moves the test process into a private network namespace (no route anywhere);
-    the process that started pytest (make, a shell) is still in the one it came from.
-    """
-    try:
-        ours = os.readlink("/proc/self/ns/net")
-        pid = os.getppid()
-        while pid > 1:
-            path = f"/proc/{pid}/ns/net"
-            if os.readlink(path) != ours:
-                return path
-            pid = _parent_pid(pid)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def build_rootfs(out_dir: Path, timeout_s: float = 900) -> tuple[Path, Path, float]:
     """(rootfs, appliance wheel, seconds taken); the rootfs comes from the cache when warm."""
-    argv = [str(MKROOTFS), str(out_dir)]
-    netns = _host_netns()
-    if netns:
-        argv = ["nsenter", f"--net={netns}", "--", *argv]
     started = time.monotonic()
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    # in the namespace pytest came from: a cold cache fetches from the Debian mirror and PyPI
+    result = netns.run_outside([str(MKROOTFS), str(out_dir)], capture_output=True, text=True,
+                               timeout=timeout_s)
     if result.returncode != 0:
         raise HarnessError(f"{MKROOTFS.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     rootfs = Path(result.stdout.strip().splitlines()[-1])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "image-build"))
 
 import qemu_boot  # noqa: E402
+
+from appliance import netns  # noqa: E402
 
 BUILD_TIMEOUT_S = 1800
 BOOT_TIMEOUT_S = 900
@@ -77,26 +78,16 @@ def _missing_tools(arch: str) -> list[str]:
     return missing
 
 
-def _host_netns_prefix() -> list[str]:
-    """The test process may live in a private network namespace (conftest.py): a build that
-    must fetch Debian packages or wheels (a cold cache) runs in the host's namespace."""
-    try:
-        if os.readlink("/proc/self/ns/net") != os.readlink("/proc/1/ns/net") and shutil.which("nsenter"):
-            return ["nsenter", "--net=/proc/1/ns/net", "--"]
-    except OSError:
-        pass
-    return []
-
-
 def build(arch: str, board: str) -> Path:
     if os.geteuid() != 0:
         pytest.skip("building an image needs root (mmdebstrap --mode=root, chroot)")
     missing = _missing_tools(arch)
     if missing:
         pytest.skip(f"image tools missing: {', '.join(missing)} (see image-build/README.md)")
-    cmd = [*_host_netns_prefix(), str(REPO / "image-build" / "build.sh"),
-           "--arch", arch, "--board", board, "--no-compress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+    # the test process lives in a private network namespace (conftest.py); a cold cache must
+    # reach the Debian mirror and PyPI, so the build runs in the namespace pytest came from
+    cmd = [str(REPO / "image-build" / "build.sh"), "--arch", arch, "--board", board, "--no-compress"]
+    done = netns.run_outside(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
     print(done.stderr[-3000:])
     assert done.returncode == 0, f"image build failed:\n{done.stderr[-4000:]}"
     match = re.search(r"raw image:\s+(\S+\.img)", done.stderr)

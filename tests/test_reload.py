@@ -210,3 +210,22 @@ def test_diff_names_what_changed(tmp_path: Path) -> None:
     a.write_text('[livekit]\nroom = "x"\n')
     b.write_text('[livekit]\nroom = "y"\n[logging]\nlevel = "debug"\n')
     assert diff_configs(load_config([a]), load_config([b])) == ["livekit.room", "logging.level"]
+
+
+async def test_model_swap_keeps_the_reason_for_not_joining(supervisor) -> None:  # type: ignore[no-untyped-def]
+    # issue 9.7: the swap cleared the one shared problem string, leaving "not joining: "
+    sup, path = supervisor
+    from importlib import resources
+
+    assert sup.room is None  # the defaults have no api_key / token_url
+    await asyncio.sleep(0.5)
+    before = sup.status_line()
+    assert "not joining: [livekit] api_key / api_secret_file / token_url" in before, before
+    other = resources.files("appliance") / "data" / "reference-avatar-b.json"
+    write(path, f'[avatar]\nmodel = "{other}"\n[status]\nsocket = "{path.parent}/s.sock"\n')
+    assert await sup.reload("model") is True
+    await asyncio.sleep(0.5)
+    after = sup.status_line()
+    print(f"\nbefore the swap: {before}\nafter the swap:  {after}")
+    assert "not joining: [livekit] api_key / api_secret_file / token_url" in after, after
+    assert sup.status()["problem"] and "token_url" in sup.status()["problem"]

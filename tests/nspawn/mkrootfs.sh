@@ -35,6 +35,8 @@ packages=(
 )
 
 log() { printf 'mkrootfs: %s\n' "$*" >&2; }
+# need_network STEP WHAT URL...: one line and exit 1 when a cold layer cannot fetch
+need_network() { "$repo/image-build/need-network" "$@" || exit 1; }
 
 [ "$(id -u)" = 0 ] || { log "needs root"; exit 1; }
 mkdir -p "$cache" "$out"
@@ -49,6 +51,7 @@ base=$cache/base-$base_key
 # ---------------------------------------------------------------- layer 1: the Debian system
 if [ ! -d "$base" ]; then
     log "building $base (mmdebstrap $suite, minbase + ${#packages[@]} packages)"
+    need_network "mkrootfs base" "the Debian mirror" "$mirror"
     started=$(date +%s)
     tmp=$(mktemp -d "$cache/.base-XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
@@ -86,6 +89,7 @@ wheel=$(ls "$out"/appliance-*.whl)
 
 if [ ! -d "$layer" ]; then
     log "building $layer (dependency wheels + /opt/appliance/venv)"
+    need_network "mkrootfs venv" "PyPI (dependency wheels)" "${PIP_INDEX_URL:-https://pypi.org/simple}"
     started=$(date +%s)
     wheels=$cache/wheels
     mkdir -p "$wheels"
