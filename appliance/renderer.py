@@ -7,8 +7,9 @@ frames come back by themselves. Two renderers can exist at once, so a new
 model can warm up beside the old one before a switch.
 
 The child speaks the protocol defined in ``renderer_child.py``: handshake
-(``Hello``, ``Init`` → ``Ready``), then ``FrameReady(slot, seq)`` per frame,
-the frame itself sitting in a shared-memory ring that the parent copies out.
+(``Hello``, ``Init`` → ``Opening`` → ``Ready``), then ``FrameReady(slot, seq)``
+per frame, the frame itself sitting in a shared-memory ring that the parent
+copies out.
 
 Life of a renderer (``State``)::
 
@@ -23,7 +24,12 @@ stall the parent escalates: ask (``Shutdown``), dump the child's stacks
 (SIGUSR1, faulthandler, to stderr), SIGKILL. Restarts back off (0, 1, 2, 4
 ... ``backoff_max_s``) and the backoff resets after ``healthy_after_s`` of
 running; it never gives up. An idle spare child (interpreter and runtime
-imports loaded, waiting for ``Init``) is kept ready to take over.
+imports loaded, waiting for ``Init``) is kept ready to take over. A spare is
+only an asset if it is proven alive: it is pinged while it waits and replaced
+when it stops answering (stopped, OOM-killed, hung in a native import); it is
+promoted only if it answered within ``SPARE_ALIVE_S``, and a promoted child
+that does not acknowledge ``Init`` within ``HANDSHAKE_TIMEOUT_S`` is killed and
+replaced by a fresh one (no backoff: the spare failed, not the model).
 
 Children are spawned (``python -P -m appliance.renderer_child``), never
 forked, from the event loop's thread; they die with that thread
@@ -57,6 +63,7 @@ from appliance.renderer_child import (
     Init,
     Interrupt,
     Message,
+    Opening,
     Ping,
     Pong,
     PushAudio,
@@ -90,6 +97,11 @@ _FPS_WINDOW_S = 10.0
 _PING_EVERY_S = 1.0
 _spawn_ids = count(1)
 SPARE_NICE = 10  # idle spares start at a lower CPU priority
+_SPARE_PING_S = 0.5  # how often an idle spare is asked for a sign of life
+SPARE_ALIVE_S = 1.5  # a spare that answered within this long may be promoted
+SPARE_DEAD_S = 3.0  # an idle spare silent for this long is replaced
+SPARE_HELLO_TIMEOUT_S = 60.0  # a new spare must finish its imports (slow under emulation)
+HANDSHAKE_TIMEOUT_S = 2.0  # Hello seen, Init sent: the child must answer Opening by then
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,9 @@ class _Child:
         self.proc, self.pid, self.shm_name = proc, proc.pid, shm_name
         self.spawned_at = time.monotonic()
         self.hello_at: float | None = None
+        self.opening_at: float | None = None
+        self.last_ping = 0.0
+        self.promoted = False  # was an idle spare before it was given the job
         self.ready: Ready | None = None
         self.ring: Ring | None = None
         self.failure: Failure | None = None
@@ -164,6 +179,10 @@ class _Child:
     @property
     def alive(self) -> bool:
         return not self.exited.is_set()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the child last proved it is alive (Hello or Pong)."""
+        return now - max(self.last_pong, self.hello_at or self.spawned_at)
 
     def send(self, msg: Message) -> bool:
         if self._writer is None or self.eof or self._writer.is_closing():
@@ -216,6 +235,8 @@ class _Child:
                     continue
                 elif isinstance(msg, Hello):
                     self.hello_at = time.monotonic()
+                elif isinstance(msg, Opening):
+                    self.opening_at = time.monotonic()
                 elif isinstance(msg, Ready):
                     self._attach(msg)
                 elif isinstance(msg, Failure):
@@ -281,6 +302,7 @@ class _Outcome:
     reason: str
     failure: RuntimeFailure | None = None  # the model cannot open: FAILED, not a crash
     stalled: bool = False
+    handshake: bool = False  # the child never took the job (stopped or hung before Opening)
     ran_s: float = 0.0  # healthy running time before the end
 
 
@@ -481,15 +503,48 @@ class Renderer:
 
     async def _take_child(self) -> _Child:
         spare, self._spare = self._spare, None
-        if spare is not None and spare.alive and not spare.eof:
-            try:  # back to normal priority now that it renders (needs root or LimitNICE=)
-                os.setpriority(os.PRIO_PROCESS, spare.pid, 0)
-            except OSError as exc:
-                log.debug("renderer %s: child %d stays at lower priority: %s", self.name, spare.pid, exc)
-            return spare
         if spare is not None:
-            self._retire(spare, dump=False)
+            unfit = self._spare_problem(spare, time.monotonic(), SPARE_ALIVE_S)
+            if unfit is None:
+                spare.promoted = True
+                try:  # back to normal priority now that it renders (needs root or LimitNICE=)
+                    os.setpriority(os.PRIO_PROCESS, spare.pid, 0)
+                except OSError as exc:
+                    log.debug("renderer %s: child %d stays at lower priority: %s", self.name, spare.pid, exc)
+                return spare
+            log.warning("renderer %s: not promoting spare child %d: %s; starting a fresh child",
+                        self.name, spare.pid, unfit)
+            self._retire(spare, dump=spare.alive)
         return await self._spawn()
+
+    @staticmethod
+    def _spare_problem(spare: _Child, now: float, within_s: float) -> str | None:
+        """Why ``spare`` cannot be trusted to take over, or None if it is fit."""
+        if not spare.alive or spare.eof:
+            return _exit_reason(spare.proc.returncode if not spare.alive else None)
+        if spare.hello_at is None:  # still importing: as good as a fresh child, and ahead of one
+            if now - spare.spawned_at > SPARE_HELLO_TIMEOUT_S:
+                return f"no Hello {now - spare.spawned_at:.0f} s after it was started"
+            return None
+        silent = spare.silent_for(now)
+        if silent > within_s:
+            return f"it answered no ping for {silent:.1f} s (stopped or hung)"
+        return None
+
+    def _check_spare(self, now: float) -> None:
+        """Ping the idle spare; replace it once it is dead or silent for SPARE_DEAD_S."""
+        spare = self._spare
+        if spare is None:
+            return
+        problem = self._spare_problem(spare, now, SPARE_DEAD_S)
+        if problem is not None:
+            log.warning("renderer %s: spare child %d is unusable: %s; replacing it",
+                        self.name, spare.pid, problem)
+            self._retire(spare, dump=spare.alive)
+            self._ensure_spare()
+        elif spare.hello_at is not None and now - spare.last_ping >= _SPARE_PING_S:
+            spare.send(Ping(int(now * 1000)))
+            spare.last_ping = now
 
     def adopt_spare(self, other: Renderer) -> None:
         """Start from ``other``'s idle spare child (interpreter and imports already loaded):
@@ -537,14 +592,16 @@ class Renderer:
                 outcome = await self._serve(child, restarted=bool(reason))
                 self._retire(child, dump=outcome.stalled)
                 reason = outcome.reason
-                failures = 1 if outcome.ran_s >= self.healthy_after_s else failures + 1
-                if outcome.failure is not None:  # not a crash: the operator must act
+                if outcome.handshake and child.promoted:  # a dead spare: replace it at once
+                    delay = 0.0
+                elif outcome.failure is not None:  # not a crash: the operator must act
                     failures, delay = 0, self.failed_retry_s
                     line = outcome.failure.operator_line()
                     self._set_state(State.FAILED, line, level=logging.ERROR)
                     self._resolve_start(outcome.failure)
                     log.warning("renderer %s: retrying the model in %.0f s", self.name, delay)
                 else:
+                    failures = 1 if outcome.ran_s >= self.healthy_after_s else failures + 1
                     delay = self._backoff(failures)
                     if failures >= self.start_attempts and not self._ever_ran:
                         self._resolve_start(RendererCrashed(
@@ -589,21 +646,32 @@ class Renderer:
         child.send(
             Init(s.runtime, s.model, s.width, s.height, child.shm_name, self.slots, s.api_secret)
         )
+        init_sent_at = time.monotonic()
         deadline = time.monotonic() + self.warmup_timeout_s
         warming = False
         while not child.frames:
             if self._closed:
                 return _Outcome("closed")
-            if child.hello_at is not None and not warming:
+            now = time.monotonic()
+            if child.opening_at is not None and not warming:
                 warming = True
                 self._set_state(State.WARMING, f"child {child.pid} opening {s.model}")
             if child.failure is not None or child.eof:
                 return await self._ended(child)
-            if time.monotonic() > deadline:
+            if child.opening_at is None:
+                # a live child answers Init at once (a fresh one once its imports are done)
+                since = max(child.hello_at or child.spawned_at, init_sent_at)
+                limit = HANDSHAKE_TIMEOUT_S if child.hello_at is not None else SPARE_HELLO_TIMEOUT_S
+                if now - since > limit:
+                    why = (f"child {child.pid} did not answer Init within {limit:.0f} s"
+                           " (stopped or hung); starting a fresh child")
+                    self._set_state(State.STALLED, why, level=logging.WARNING)
+                    return _Outcome(why, stalled=True, handshake=True)
+            if now > deadline:
                 why = f"no first frame within {self.warmup_timeout_s:.0f} s"
                 self._set_state(State.STALLED, f"child {child.pid}: {why}", level=logging.WARNING)
                 return _Outcome(why, stalled=True)
-            await child.wait(deadline - time.monotonic())
+            await child.wait(min(deadline - now, 0.25))
         child.running_since = time.monotonic()
         if child.ready is not None:
             self.video = VideoSpec(child.ready.width, child.ready.height, child.ready.fps)
@@ -644,6 +712,7 @@ class Renderer:
             if now - last_ping >= _PING_EVERY_S:
                 child.send(Ping(int(now * 1000)))
                 last_ping = now
+            self._check_spare(now)
 
     async def _ended(self, child: _Child) -> _Outcome:
         ran = child.last_frame - child.running_since if child.running_since is not None else 0.0

@@ -5,6 +5,12 @@ Started by ``renderer.py`` as ``python -P -m appliance.renderer_child --fd N``
 defines what both sides speak, so the parent imports it (it imports no native
 avatar code at module level):
 
+Handshake: ``Hello`` (imports done) → ``Init`` → ``Opening`` (at once: the child is
+alive and took the job) → ``Ready`` (model open, ring created) → ``FrameReady``...
+A child answers ``Ping`` with ``Pong`` while it waits for ``Init`` (an idle spare is
+health-checked like any process: it can be stopped, OOM-killed or hung) and while it
+renders.
+
 Control channel (a unix socketpair, one message after another)::
 
     u32 length of the rest | u8 tag | u16 header length | header (JSON) | data (raw bytes)
@@ -63,6 +69,7 @@ __all__ = [
     "Interrupt",
     "Ping",
     "Shutdown",
+    "Opening",
     "Ready",
     "FrameReady",
     "Pong",
@@ -170,6 +177,12 @@ class Failure(Message):
     fix: str = ""
 
 
+@dataclass
+class Opening(Message):  # child → parent: Init received, opening the model now
+    tag: ClassVar[int] = 12
+    pid: int
+
+
 _BY_TAG: dict[int, type[Message]] = {
     cls.tag: cls
     for cls in (
@@ -184,6 +197,7 @@ _BY_TAG: dict[int, type[Message]] = {
         FrameReady,
         Pong,
         Failure,
+        Opening,
     )
 }
 _PREFIX = struct.Struct("<IBH")  # length of the rest, tag, header length
@@ -400,9 +414,10 @@ class _Child:
             except Exception as e:
                 log.debug("preload of %s failed: %s", preload, e)
         self.send(Hello(pid=os.getpid()))
-        msg = await read_message(self.reader)
-        if not isinstance(msg, Init):
+        msg = await self._wait_for_init()
+        if msg is None:
             return 0  # parent gone or Shutdown before Init: a spare that was not needed
+        self.send(Opening(pid=os.getpid()))
         try:
             runtime = _make_runtime(msg.runtime, msg.width, msg.height, msg.api_secret)
             await runtime.open(msg.model)
@@ -436,6 +451,19 @@ class _Child:
                 await asyncio.wait_for(runtime.close(), 2.0)
             ring.close()
             unlink_shm(msg.shm_name)  # normally the parent already did
+
+    async def _wait_for_init(self) -> Init | None:
+        """An idle spare: answer pings (the parent's proof that we are alive) until Init."""
+        while True:
+            msg = await read_message(self.reader)
+            if isinstance(msg, Init):
+                return msg
+            if msg is None or isinstance(msg, Shutdown):
+                return None
+            if isinstance(msg, Ping):
+                self.send(Pong(msg.seq))
+            else:
+                log.warning("unexpected message before Init: %s", type(msg).__name__)
 
     async def _run(self, runtime: Runtime, ring: Ring) -> int:
         pump = asyncio.create_task(self._pump(runtime, ring), name="pump")

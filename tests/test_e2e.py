@@ -10,6 +10,7 @@ test's private network namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from appliance.bench import KioskProcess, write_kiosk_config
@@ -168,6 +170,51 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
 
     await voice.close()
     await viewer.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+async def test_every_child_stopped_at_once(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP every descendant of the kiosk (the live renderer and its idle spare), and never
+    SIGCONT: the stall is noticed, the silent spare is not trusted, a fresh child takes over."""
+    viewer = Viewer(KIOSK, keep_images=False)
+    await viewer.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM, "viewer"))
+    await asyncio.wait_for(viewer.video_started.wait(), 20)
+    assert kiosk.proc is not None
+    deadline = time.monotonic() + 20
+    while len(_descendants(kiosk.proc.pid)) < 2:  # the renderer child and its spare
+        assert time.monotonic() < deadline, "no spare renderer appeared"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # the spare has been pinged
+    stopped = _descendants(kiosk.proc.pid)
+    stopped_at = time.monotonic()
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # back at full rate: the first second after the stop with >= 20 frames
+        back_at = None
+        while back_at is None and time.monotonic() < stopped_at + 30:
+            await asyncio.sleep(0.2)
+            times = [t for t in viewer.frame_times if t > stopped_at + 0.2]
+            back_at = next((t for i, t in enumerate(times) if i + 19 < len(times)
+                            and times[i + 19] - t <= 1.0), None)
+        assert back_at is not None, f"no 20 fps within 30 s of SIGSTOP:\n{kiosk.log()[-3000:]}"
+        back_s = back_at - stopped_at
+        print(f"\nSIGSTOP of every kiosk child {stopped}: 20 fps again at the viewer after {back_s:.2f} s"
+              f" (stall_timeout_s = 1.0; 15.1 s before spares were health-checked)")
+        assert back_s < 2 * 1.0 + 10.0, back_s  # 2 x stall + a cold start (~1-3 s here), generous
+        log = kiosk.log()
+        assert kiosk.renderer_pid() not in stopped
+        assert any(f"child {pid}: no frames for" in log for pid in stopped), log[-3000:]
+        assert any(f"not promoting spare child {pid}" in log or f"spare child {pid} is unusable" in log
+                   or f"child {pid} did not answer Init" in log for pid in stopped), log[-3000:]
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await viewer.close()
 
 
 async def _wait_frames_after(

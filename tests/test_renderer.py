@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -488,3 +489,113 @@ async def test_parent_cpu_per_frame() -> None:
         assert cpu / n < 0.010
     finally:
         await r.close()
+
+
+# -- spares are proven alive (issue 9.2) -------------------------------------------------
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+def _kill_stopped(pids: list[int]) -> None:
+    # the renderer SIGKILLs what it retires; anything left must not stay stopped after the test
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def _full_rate_again(r: Renderer, since: float, fps: float = 20.0, timeout: float = 30.0) -> float:
+    """Seconds from ``since`` until the frames of one second reach ``fps``."""
+    times: list[float] = []
+    deadline = time.monotonic() + timeout
+    async for _ in r.frames():
+        now = time.monotonic()
+        times.append(now)
+        while times and times[0] < now - 1.0:
+            times.pop(0)
+        if len(times) >= fps:
+            return times[0] - since
+        if now > deadline:
+            break
+    raise AssertionError(f"frames did not come back at {fps} fps within {timeout} s")
+
+
+async def test_every_child_stopped_at_once_recovers_without_sigcont(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.renderer")
+    r = Renderer(spec(), name="t13", stall_timeout_s=2.0)
+    await r.start()
+    stopped: list[int] = []
+    try:
+        await until(lambda: r._spare is not None and r._spare.last_pong > 0, what="a pinged spare")
+        live, spare = r.pid, r._spare.pid  # type: ignore[union-attr]
+        assert live and spare
+        stopped = [live, spare]
+        stopped_at = time.monotonic()
+        _stop(stopped)
+        back_s = await _full_rate_again(r, stopped_at)
+        print(f"\nSIGSTOP of the live child and its spare: 20 fps again after {back_s:.2f} s "
+              f"(stall_timeout_s = 2.0), new child {r.pid}")
+        assert r.pid not in stopped
+        assert back_s < 2 * 2.0 + 10.0, back_s  # a cold start is ~1 s here; 15.1 s before the fix
+        text = caplog.text
+        assert f"child {live}: no frames for" in text, text
+        assert f"not promoting spare child {spare}: it answered no ping" in text, text
+        await until(lambda: not psutil.pid_exists(live) and not psutil.pid_exists(spare),
+                    timeout=10, what="the stopped children killed")
+    finally:
+        await r.close()
+        _kill_stopped(stopped)
+
+
+async def test_idle_spare_that_stops_or_dies_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.renderer")
+    r = Renderer(spec(), name="t14")
+    await r.start()
+    stopped: list[int] = []
+    try:
+        await until(lambda: r._spare is not None and r._spare.last_pong > 0, what="a pinged spare")
+        first = r._spare.pid  # type: ignore[union-attr]
+        stopped = [first]
+        _stop(stopped)
+        await until(lambda: r._spare is not None and r._spare.pid != first and r._spare.last_pong > 0,
+                    timeout=20, what="the stopped spare replaced")
+        assert f"spare child {first} is unusable: it answered no ping" in caplog.text
+        second = r._spare.pid  # type: ignore[union-attr]
+        os.kill(second, signal.SIGKILL)  # OOM-killed while waiting
+        await until(lambda: r._spare is not None and r._spare.pid not in (first, second),
+                    timeout=20, what="the killed spare replaced")
+        assert f"spare child {second} is unusable: child killed by SIGKILL" in caplog.text
+        assert r.restarts == 0 and r.state is State.RUNNING  # the live child was never touched
+    finally:
+        await r.close()
+        _kill_stopped(stopped)
+
+
+async def test_promoted_spare_that_does_not_answer_init_is_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the spare stops just before it is needed: it looks alive, is promoted, never says Opening
+    caplog.set_level(logging.INFO, logger="appliance.renderer")
+    r = Renderer(spec(), name="t15")
+    await r.start()
+    stopped: list[int] = []
+    try:
+        await until(lambda: r._spare is not None and r._spare.last_pong > 0, what="a pinged spare")
+        spare, live = r._spare.pid, r.pid  # type: ignore[union-attr]
+        assert live
+        stopped = [spare]
+        _stop(stopped)
+        killed_at = time.monotonic()
+        os.kill(live, signal.SIGKILL)
+        back_s = await _full_rate_again(r, killed_at)
+        print(f"\npromoted spare stopped: 20 fps again after {back_s:.2f} s, new child {r.pid}")
+        assert r.pid not in (spare, live)
+        assert f"child {spare} did not answer Init within 2 s" in caplog.text, caplog.text
+        assert back_s < 2.0 + 10.0, back_s
+    finally:
+        await r.close()
+        _kill_stopped(stopped)
