@@ -1,0 +1,99 @@
+"""Backoff, owned tasks and the problem registry (issue 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from appliance.problems import Problems
+from appliance.retry import Backoff
+from appliance.tasks import TaskOwner, stop_tasks
+
+
+def test_backoff_grows_caps_and_resets() -> None:
+    renderer = Backoff(first_s=1.0, max_s=30.0, immediate=True)
+    assert [renderer.next_delay() for _ in range(8)] == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert renderer.at_cap
+    renderer.reset()
+    assert renderer.next_delay() == 0.0 and not renderer.at_cap
+    room = Backoff(first_s=0.5, max_s=10.0, jitter=0.2)
+    delays = [room.next_delay() for _ in range(12)]
+    assert 0.4 <= delays[0] <= 0.6 and 0.8 <= delays[1] <= 1.2
+    assert all(8.0 <= d <= 12.0 for d in delays[6:]), delays
+    assert len({round(d, 6) for d in delays[6:]}) > 1  # jittered: a fleet does not retry in lockstep
+
+
+async def test_owned_task_crash_is_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    owner = TaskOwner("room", logging.getLogger("test.tasks"))
+
+    async def boom() -> None:
+        raise ValueError("bad frame")
+
+    task = owner.spawn(boom(), "publish")
+    await asyncio.wait([task])
+    await asyncio.sleep(0)
+    record = next(r for r in caplog.records if "crashed" in r.getMessage())
+    assert "room: task room:publish crashed: ValueError('bad frame')" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    assert owner.tasks == set()
+
+
+async def test_stop_tasks_cancels_and_waits_but_keeps_the_callers_cancellation() -> None:
+    ended: list[str] = []
+
+    async def forever(name: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)  # cleanup that takes a moment
+            ended.append(name)
+
+    owner = TaskOwner("t", logging.getLogger("test.tasks"))
+    a, b = owner.spawn(forever("a"), "a"), owner.spawn(forever("b"), "b")
+    await asyncio.sleep(0)
+    await owner.stop(a)
+    assert ended == ["a"] and a.cancelled() and not b.done()
+
+    # the caller is cancelled while it waits for b's cleanup: that cancellation must propagate
+    async def caller() -> str:
+        await stop_tasks(b)
+        return "returned normally"
+
+    outer = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    await asyncio.wait([b])
+    assert b.cancelled() and ended == ["a", "b"]
+    await owner.close()
+
+
+def test_problems_are_owned_deduplicated_and_dismissed_by_their_owner(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    changes: list[int] = []
+    problems = Problems(on_change=lambda: changes.append(1))
+    room, renderer = problems.owner("room"), problems.owner("renderer")
+    caplog.set_level(logging.INFO, logger="appliance.problems")
+    for _ in range(3):  # a retry loop reporting the same thing: one record, one log line
+        room.report("the server refused the token", subject="ws://x", setting="[livekit] api_key",
+                    fix="check that the key and secret match the server's")
+    renderer.report("model file missing", subject="/m.imx", setting="[avatar] model", fix="set it")
+    assert len(problems.list()) == 2 and len(changes) == 2
+    assert sum("refused the token" in r.getMessage() for r in caplog.records) == 1
+    assert problems.first("room").line() == (  # type: ignore[union-attr]
+        "[livekit] api_key: the server refused the token — check that the key and secret match"
+        " the server's")
+    renderer.clear()  # the renderer's check passed: only its problems go
+    assert [p.kind for p in problems.list()] == ["room"]
+    with pytest.raises(ValueError):
+        problems.owner("typo")
+    config = problems.owner("config")
+    config.replace([("a.toml:3", "bad value", "[avatar] width", "use a number"),
+                    ("a.toml:5", "unknown key", "[avatar] widht", "did you mean width?")])
+    config.replace([("a.toml:5", "unknown key", "[avatar] widht", "did you mean width?")])
+    assert [p.subject for p in config.list()] == ["a.toml:5"]
+    assert problems.list("room")[0].as_json()["fix"] == "check that the key and secret match the server's"
