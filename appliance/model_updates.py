@@ -177,7 +177,7 @@ class ModelUpdates:
             return False
         try:
             await asyncio.to_thread(self.updater.activate, version)  # fsyncs: off the event loop
-        except (UpdateError, OSError):
+        except UpdateError:
             # the store did not record the switch: go back, so that a restart shows the same
             await self._swap_back(before)
             raise
@@ -201,8 +201,8 @@ class ModelUpdates:
         log.error("model %s marked bad: %s", version, reason, extra={"model": version, "reason": reason})
         try:
             return self.updater.mark_bad(version, reason)
-        except (UpdateError, OSError) as exc:  # recorded at the start of the next round
-            self._round_error = self._as_update_error(exc)
+        except UpdateError as exc:  # the store failed: recorded at the start of the next round
+            self._round_error = exc
             self._unrecorded_bad[version] = reason
             return fallback
 

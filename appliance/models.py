@@ -623,13 +623,13 @@ class Updater:
 
     def status(self) -> dict[str, Any]:
         """For ``appliance status`` (JSON-safe); a failing store is reported, never raised."""
+        error = self.last_error
         try:
             current, previous = self.store.current(), self.store.previous()
             bad = sorted(e.version for e in self.store.list() if e.state == "bad")
         except OSError as exc:
-            current = previous = None
-            bad = []
-            self.last_error = self.last_error or store_failure(exc, self.store.root)
+            current, previous, bad = None, None, []
+            error = error or store_failure(exc, self.store.root)
         p = self.progress
         return {
             "state": self.state.value,
@@ -641,7 +641,7 @@ class Updater:
             "download": {"version": p.version, "bytes": p.done, "total": p.total}
             if self.state is UpdateState.DOWNLOADING else None,
             "last_check_ago_s": round(time.monotonic() - self.last_check, 1) if self.last_check else None,
-            "last_error": self.last_error.operator_line() if self.last_error else None,
+            "last_error": error.operator_line() if error else None,
         }
 
 
