@@ -90,7 +90,10 @@ class AgentVoice:
         self.output.flush()
 
     def interrupt(self) -> None:
+        """Barge-in as an AgentSession does it (after cancelling its say()): end the segment,
+        then send lk.clear_buffer."""
         assert self.output is not None
+        self.output.flush()
         self.output.clear_buffer()
 
     async def close(self) -> None:
