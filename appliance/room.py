@@ -39,6 +39,11 @@ __all__ = ["RoomState", "RoomOptions", "KioskRoom", "SpeechSink"]
 
 log = logging.getLogger("appliance.room")
 
+# Audio published ahead of the wire, at most (the native AudioSource blocks the frame pump
+# beyond it): it absorbs the pump's jitter and is what the voice lags the picture by.
+# The stock AvatarRunner uses 100 ms too; an interrupt empties it at once.
+AUDIO_QUEUE_MS = 100
+
 
 class RoomState(enum.Enum):
     IDLE = "idle"
@@ -113,6 +118,7 @@ class KioskRoom:
         self._disconnected = asyncio.Event()
         self._stopping = False
         self._playback = _Playback()
+        self._interrupts = 0  # barge-ins so far: a frame on its way when one came is not heard
 
     @property
     def speaking(self) -> bool:
@@ -184,7 +190,7 @@ class KioskRoom:
 
     async def _publish(self, room: rtc.Room) -> None:
         video = self._video
-        self._audio_source = rtc.AudioSource(AUDIO_SAMPLE_RATE, 1, queue_size_ms=200)
+        self._audio_source = rtc.AudioSource(AUDIO_SAMPLE_RATE, 1, queue_size_ms=AUDIO_QUEUE_MS)
         self._video_source = rtc.VideoSource(video.width, video.height)
         self._av_sync = rtc.AVSynchronizer(
             audio_source=self._audio_source,
@@ -316,10 +322,19 @@ class KioskRoom:
             self._speech.push_audio(pcm.tobytes(), item.sample_rate)
 
     def _on_clear_buffer(self) -> None:
+        """Barge-in: silence now. The renderer drops the speech it has queued or already
+        rendered; here go the audio queued for the wire and the frames that go with it."""
+        self._interrupts += 1
         self._speech.interrupt()
+        unplayed = 0.0
+        if self._av_sync is not None and self._audio_source is not None:
+            unplayed = self._audio_source.queued_duration
+            self._audio_source.clear_queue()
+            self._spawn(self._av_sync.clear_queue())  # the video frames waiting with that audio
         if self._playback.active and self._receiver is not None:
-            log.info("interrupted by the agent after %.2f s", self._playback.position_s)
-            self._receiver.notify_playback_finished(self._playback.position_s, interrupted=True)
+            heard = max(0.0, self._playback.position_s - unplayed)
+            log.info("interrupted by the agent after %.2f s", heard)
+            self._receiver.notify_playback_finished(heard, interrupted=True)
         self._playback.reset()
 
     # -- frames out ----------------------------------------------------------------
@@ -331,9 +346,12 @@ class KioskRoom:
             return
         height, width = frame.image.shape[:2]
         video_frame = rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, frame.image.tobytes())
-        audio_frame = rtc.AudioFrame(frame.audio.tobytes(), AUDIO_SAMPLE_RATE, 1, len(frame.audio))
-        await av_sync.push(video_frame)
-        await av_sync.push(audio_frame)
+        interrupts = self._interrupts
+        await av_sync.push(video_frame)  # waits while the synchronizer's video queue is full
+        audio = frame.audio
+        if frame.speaking and interrupts != self._interrupts:
+            audio = np.zeros_like(audio)  # interrupted while this frame waited
+        await av_sync.push(rtc.AudioFrame(audio.tobytes(), AUDIO_SAMPLE_RATE, 1, len(audio)))
         self.frames_published += 1
         self._track_playback(frame)
 
