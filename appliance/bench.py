@@ -202,7 +202,9 @@ async def _barge_in(who: str, voice: AgentVoice, viewer: Viewer, interrupts: int
         burners = _start_burners(2 if load == "loaded" else 0)
         try:
             await asyncio.sleep(3.0 if burners else 0.5)
+            before = await viewer.audio_receive_stats()
             measured = await measure(voice, viewer, interrupts)
+            jitter_ms, concealed_pct = (await viewer.audio_receive_stats()).since(before)
         finally:
             _stop(burners)
         found = summary(measured)
@@ -211,6 +213,10 @@ async def _barge_in(who: str, voice: AgentVoice, viewer: Viewer, interrupts: int
         out[f"{who}_{load}_clear_to_silence_p50_ms"] = found["p50_ms"]
         out[f"{who}_{load}_clear_to_silence_max_ms"] = found["max_ms"]
         out[f"{who}_{load}_interrupts_not_reported"] = found["not_reported"]
+        # how much of that the subscriber's own buffer holds (the rest: sender and server),
+        # and how choppy the audio was (samples the receiver had to make up)
+        out[f"{who}_{load}_subscriber_jitter_buffer_ms"] = jitter_ms
+        out[f"{who}_{load}_subscriber_concealed_pct"] = concealed_pct
     return out
 
 
