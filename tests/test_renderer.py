@@ -281,7 +281,8 @@ async def test_a_consumer_that_falls_behind_gets_fresh_frames_not_a_backlog() ->
         waited = [time.monotonic() - t0 async for _ in _take(r, MAX_BACKLOG + 2)]
         backlog = sum(1 for w in waited if w < 0.01)
         print(f"after 1 s unconsumed: {backlog} frames waiting, {r.dropped_frames} dropped")
-        assert backlog <= MAX_BACKLOG and r.dropped_frames >= 15
+        # (+1: a fresh frame may arrive while the backlog is being read)
+        assert backlog <= MAX_BACKLOG + 1 and r.dropped_frames >= 15
     finally:
         await r.close()
 
