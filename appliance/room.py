@@ -327,7 +327,7 @@ class KioskRoom:
 
     def _on_clear_buffer(self) -> None:
         """Barge-in: silence now. The renderer drops the speech it has queued or already
-        rendered; here go the audio queued for the wire and the frames that go with it."""
+        rendered; here the audio queued for the wire gives way to a little silence."""
         self._interrupts += 1
         self._speech.interrupt()
         unplayed = 0.0
