@@ -8,7 +8,15 @@ what a viewer of the room sees. For ``--seconds`` (default 60) it reports:
 - CPU seconds per second of the supervisor process (publishing, encoding,
   protocol: everything except rendering) and of the renderer child;
 - peak RSS of both;
-- then it SIGKILLs the renderer and reports the gap in frames the subscriber saw.
+- then it SIGKILLs the renderer and reports the gap in frames the subscriber saw;
+- barge-in: ``clear_to_silence_ms`` (p50 and max over ``--interrupts``), from an
+  agent's ``clear_buffer()`` to the avatar's voice falling silent at the
+  subscriber (see ``bench_bargein.py``), on a quiet machine and with two
+  CPU-burning processes beside the kiosk, for the kiosk and for a stand-in
+  built on the stock LiveKit Agents ``AvatarRunner`` in the same room setup.
+
+The dev server runs as its own process, as a LiveKit server would, so its
+relaying does not hold up the subscriber's clock.
 
 WebRTC ignores loopback and we send traffic nowhere else, so (as root) the
 benchmark moves itself into a private network namespace with a veth pair,
@@ -33,7 +41,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from appliance.demo import Viewer, make_token
+from appliance.bench_bargein import measure, summary
+from appliance.demo import AgentVoice, Viewer, make_token
 from appliance.status import query_status
 
 __all__ = ["KioskProcess", "write_kiosk_config", "main"]
@@ -127,7 +136,8 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir: Path) -> dict[str, float]:
+async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir: Path,
+                interrupts: int = 12, baseline: bool = True) -> dict[str, float]:
     config = write_kiosk_config(workdir, url=url, api_key=api_key, api_secret=api_secret)
     kiosk = KioskProcess(config, workdir / "kiosk.log")
     kiosk.start()
@@ -157,8 +167,7 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
                                    30, "restarted the renderer")
         await asyncio.sleep(2.0)
         gap_ms = viewer.max_interval_ms(since=killed_at - 1.0)
-        await viewer.close()
-        return {
+        results = {
             "seconds": window,
             "fps_subscriber": frames_in_window / window,
             "interval_p50_ms": float(np.percentile(intervals, 50)),
@@ -170,27 +179,120 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
             "renderer_peak_rss_mb": peak_ren,
             "gap_after_renderer_sigkill_ms": gap_ms,
         }
+        voice = AgentVoice("kiosk")
+        await voice.connect(url, make_token(api_key, api_secret, "lobby", "bench-agent", agent=True))
+        await kiosk.async_wait_for(lambda s: s["agent"] == "bench-agent", 20, "saw the agent")
+        results.update(await _barge_in("kiosk", voice, viewer, interrupts))
+        await voice.close()
+        await viewer.close()
     finally:
         kiosk.stop()
+    if baseline:
+        try:
+            results.update(await _baseline(url, api_key, api_secret, interrupts))
+        except Exception as exc:  # the kiosk's figures still count
+            print(f"bench: the AvatarRunner baseline failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return results
 
 
-async def _run(seconds: float, host: str) -> dict[str, float]:
-    from appliance.devserver import DevServer
+async def _barge_in(who: str, voice: AgentVoice, viewer: Viewer, interrupts: int) -> dict[str, float]:
+    """clear_to_silence_ms on a quiet machine, then with two CPU burners beside the avatar."""
+    out: dict[str, float] = {}
+    for load in ("quiet", "loaded"):
+        burners = _start_burners(2 if load == "loaded" else 0)
+        try:
+            await asyncio.sleep(3.0 if burners else 0.5)
+            before = await viewer.audio_receive_stats()
+            measured = await measure(voice, viewer, interrupts)
+            jitter_ms, concealed_pct = (await viewer.audio_receive_stats()).since(before)
+        finally:
+            _stop(burners)
+        found = summary(measured)
+        values = " ".join(f"{r.clear_to_silence_ms:.0f}" for r in measured)
+        print(f"bench: {who} {load}: clear_to_silence_ms {values}", file=sys.stderr, flush=True)
+        out[f"{who}_{load}_clear_to_silence_p50_ms"] = found["p50_ms"]
+        out[f"{who}_{load}_clear_to_silence_max_ms"] = found["max_ms"]
+        out[f"{who}_{load}_interrupts_not_reported"] = found["not_reported"]
+        # how much of that the subscriber's own buffer holds (the rest: sender and server),
+        # and how choppy the audio was (samples the receiver had to make up)
+        out[f"{who}_{load}_subscriber_jitter_buffer_ms"] = jitter_ms
+        out[f"{who}_{load}_subscriber_concealed_pct"] = concealed_pct
+    return out
 
-    key, secret = "benchkey", os.urandom(16).hex()
-    server = DevServer(host=host, port=7880, api_key=key, api_secret=secret)
-    await server.start()
+
+async def _baseline(url: str, api_key: str, api_secret: str, interrupts: int) -> dict[str, float]:
+    """The same measurement for a worker built on the stock AvatarRunner (see bench_bargein)."""
+    token = make_token(api_key, api_secret, "lobby", "baseline")
+    worker = subprocess.Popen([sys.executable, "-m", "appliance.bench_bargein", "--url", url],
+                              env={**os.environ, "LIVEKIT_TOKEN": token})
     try:
-        with tempfile.TemporaryDirectory(prefix="appliance-bench-") as workdir:
-            return await bench(f"ws://{host}:7880", key, secret, seconds, Path(workdir))
+        viewer = Viewer("baseline", keep_images=False)
+        await viewer.connect(url, make_token(api_key, api_secret, "lobby", "baseline-viewer"))
+        voice = AgentVoice("baseline")
+        await voice.connect(url, make_token(api_key, api_secret, "lobby", "baseline-agent", agent=True))
+        await asyncio.wait_for(viewer.video_started.wait(), 30)
+        await asyncio.sleep(2.0)
+        found = await _barge_in("baseline", voice, viewer, interrupts)
+        await voice.close()
+        await viewer.close()
+        return found
     finally:
-        await server.stop()
+        _stop([worker])
+
+
+def _start_burners(count: int) -> list[subprocess.Popen[bytes]]:
+    """Processes that keep a core busy each, at the kiosk's own priority."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for proc in processes:
+        proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _run(seconds: float, host: str, interrupts: int, baseline: bool) -> dict[str, float]:
+    key, secret, port = "benchkey", os.urandom(16).hex(), 7880
+    server = subprocess.Popen([sys.executable, "-m", "appliance.devserver", "--host", host,
+                               "--port", str(port), "--key", key],
+                              env={**os.environ, "LIVEKIT_API_SECRET": secret},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await _wait_listening(host, port, 30.0)
+        with tempfile.TemporaryDirectory(prefix="appliance-bench-") as workdir:
+            return await bench(f"ws://{host}:{port}", key, secret, seconds, Path(workdir),
+                               interrupts, baseline)
+    finally:
+        _stop([server])
+
+
+async def _wait_listening(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the dev server never listened on {host}:{port}") from None
+            await asyncio.sleep(0.1)
+        else:
+            writer.close()
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="measuring window (default 60)")
+    parser.add_argument("--interrupts", type=int, default=12,
+                        help="barge-ins measured per case (default 12)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the stock-AvatarRunner stand-in")
     args = parser.parse_args(argv)
 
     from appliance import netns
@@ -202,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     namespace = netns.create("appl-bench")
     try:
         netns.enter(namespace)
-        results = asyncio.run(_run(args.seconds, namespace.host_a))
+        results = asyncio.run(_run(args.seconds, namespace.host_a, args.interrupts, not args.no_baseline))
     finally:
         netns.remove(namespace)
     print(f"appliance bench, reference avatar 512x512 @ 25 fps, {results.pop('seconds'):.0f} s window")
     for key, value in results.items():
-        print(f"  {key:32s} {value:10.3f}")
+        print(f"  {key:44s} {value:10.3f}")
     sys.stdout.flush()
     os._exit(0)  # see cli.main: never let the native runtime abort at interpreter exit
 

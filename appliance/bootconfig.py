@@ -9,7 +9,9 @@ live (it may be unmounted or yanked): a copy that validated is kept as
 
 * no boot file: the unit does not run (ConditionPathExists=), the last import stays;
 * the boot file validates (on top of the /etc layers): it is copied, atomically, with a
-  UTF-8 byte order mark and CRLF line ends (Windows editors) removed;
+  UTF-8 byte order mark and CRLF line ends (Windows editors) removed (``config.decode_toml``,
+  the same decoding as every other config reader: curly quotes and non-UTF-8 bytes are
+  reported with their line and the fix);
 * it does not: nothing is copied, the previous import keeps serving, every problem is printed
   as ``file:line: [section] key: what is wrong — fix`` (to the journal) and the unit ends
   failed, so ``systemctl --failed`` shows it;
@@ -38,6 +40,7 @@ from appliance.config import (
     ETC_DROPINS,
     ConfigError,
     Problem,
+    decode_toml,
     parse_layers,
 )
 
@@ -94,16 +97,15 @@ def import_boot_config(
     """Validate ``boot`` over the /etc layers and copy it to ``dest``. Raises OSError on I/O errors."""
     if not boot.exists():
         return ImportResult(False, f"{boot}: no such file; nothing to import")
-    raw = boot.read_bytes()
     try:
-        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
-    except UnicodeDecodeError as exc:
-        problem = Problem(str(boot), None, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                          "save the file as UTF-8")
-        return ImportResult(False, f"{boot} not imported; the previous import stays", [problem])
-    layers = [(str(etc), etc.read_text(encoding="utf-8"))] if etc.exists() else []
-    if dropins.is_dir():
-        layers += [(str(p), p.read_text(encoding="utf-8")) for p in sorted(dropins.glob("*.toml"))]
+        text = decode_toml(str(boot), boot.read_bytes())
+    except ConfigError as exc:
+        return ImportResult(False, f"{boot} not imported; the previous import stays", exc.problems)
+    layers = []
+    for path in ([etc] if etc.exists() else []) + (sorted(dropins.glob("*.toml")) if dropins.is_dir() else []):
+        # an undecodable /etc layer is the daemon's to report, not a reason to refuse the boot file
+        with contextlib.suppress(ConfigError):
+            layers.append((str(path), decode_toml(str(path), path.read_bytes())))
     layers.append((str(boot), text))
     warnings: list[Problem] = []
     try:

@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import config_text
+
 __all__ = [
     "Config",
     "ConfigError",
     "Problem",
     "Secret",
     "SECTIONS",
+    "decode_toml",
     "load_config",
     "iter_settings",
 ]
@@ -433,8 +436,11 @@ def parse_layers(layers: list[tuple[str, str]]) -> Config:
             match = re.search(r"line (\d+), column (\d+)", str(exc))
             # "at end of document" has no position: the last line is where it went wrong
             line = int(match.group(1)) if match else text.count("\n") + 1
-            problems.append(Problem(path, line, "", f"TOML syntax error: {exc}",
-                                    "fix the line (strings need quotes, tables need [brackets])"))
+            curly = config_text.smart_quote_problems(text, line)
+            problems.extend(Problem(path, p.line, p.key, p.message, p.fix) for p in curly)
+            if not curly:
+                problems.append(Problem(path, line, "", f"TOML syntax error: {exc}",
+                                        "fix the line (strings need quotes, tables need [brackets])"))
             continue
         _merge_layer(merged, origins, data, path, text, problems)
 
@@ -535,7 +541,7 @@ def save_last_good(config: Config) -> None:
         return
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(render_snapshot(config))
+        tmp.write_text(render_snapshot(config), encoding="utf-8")
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -567,19 +573,36 @@ def config_paths(explicit: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def decode_toml(path: str, raw: bytes) -> str:
+    """The text of an operator's TOML file (BOM and CRLF accepted); ConfigError if not UTF-8.
+
+    Every reader of operator TOML decodes through here (see ``config_text``).
+    """
+    try:
+        return config_text.decode(raw)
+    except config_text.TextProblem as exc:
+        raise ConfigError([Problem(path, exc.line, exc.key, exc.message, exc.fix)]) from None
+
+
 def load_config(paths: list[Path]) -> Config:
     """Read the TOML files (lowest priority first) and build the Config."""
     layers: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for path in paths:
         try:
-            layers.append((str(path), path.read_text(encoding="utf-8")))
+            layers.append((str(path), decode_toml(str(path), path.read_bytes())))
         except FileNotFoundError:
             problems.append(Problem(str(path), None, "", "file does not exist", "check the path"))
-        except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
-            problems.append(Problem(str(path), None, "", f"cannot read: {type(exc).__name__}",
+        except OSError as exc:
+            problems.append(Problem(str(path), None, "", f"cannot read: {exc.strerror or type(exc).__name__}",
                                     "make it a readable UTF-8 text file"))
-    if problems:
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:  # the readable layers are checked too: every problem at once
+        try:
+            parse_layers(layers)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
         raise ConfigError(problems)
     return parse_layers(layers)
 

@@ -21,7 +21,7 @@ import numpy as np
 from livekit import api, rtc
 from livekit.agents.voice.avatar import DataStreamAudioOutput
 
-__all__ = ["AgentVoice", "Viewer", "ReceivedFrame", "make_token", "read_wav", "run_demo"]
+__all__ = ["AgentVoice", "Viewer", "AudioReceiveStats", "ReceivedFrame", "make_token", "read_wav", "run_demo"]
 
 log = logging.getLogger("appliance.demo")
 
@@ -90,11 +90,33 @@ class AgentVoice:
         self.output.flush()
 
     def interrupt(self) -> None:
+        """Barge-in as an AgentSession does it (after cancelling its say()): end the segment,
+        then send lk.clear_buffer."""
         assert self.output is not None
+        self.output.flush()
         self.output.clear_buffer()
 
     async def close(self) -> None:
         await self.room.disconnect()
+
+
+@dataclass(frozen=True)
+class AudioReceiveStats:
+    """WebRTC inbound-rtp counters; differences of two give a window's figures."""
+
+    jitter_buffer_delay_s: float  # summed over emitted samples
+    jitter_buffer_emitted: int
+    concealed_samples: int  # made up by the receiver: late or missing audio (gaps, clicks)
+    samples_received: int
+
+    def since(self, earlier: AudioReceiveStats) -> tuple[float, float]:
+        """(mean jitter buffer delay in ms, % of samples concealed) between the two."""
+        emitted = self.jitter_buffer_emitted - earlier.jitter_buffer_emitted
+        received = self.samples_received - earlier.samples_received
+        delay = self.jitter_buffer_delay_s - earlier.jitter_buffer_delay_s
+        concealed = self.concealed_samples - earlier.concealed_samples
+        return (1000 * delay / emitted if emitted else float("nan"),
+                100 * concealed / received if received else float("nan"))
 
 
 @dataclass
@@ -119,6 +141,7 @@ class Viewer:
         self.room = rtc.Room()
         self._tasks: list[asyncio.Task[None]] = []
         self.video_started = asyncio.Event()
+        self.audio_track: rtc.Track | None = None
 
     async def connect(self, url: str, token: str) -> None:
         self.room.on("track_subscribed", self._on_track)
@@ -148,10 +171,21 @@ class Viewer:
                 self.frames.append(ReceivedFrame(now, image.copy()))
 
     async def _read_audio(self, track: rtc.Track) -> None:
+        self.audio_track = track
         async for event in rtc.AudioStream(track, sample_rate=self.audio_rate, num_channels=1):
             samples = np.frombuffer(event.frame.data, dtype=np.int16).copy()
             self.audio.append(samples)
             self.audio_times.append(time.monotonic())
+
+    async def audio_receive_stats(self) -> AudioReceiveStats:
+        """Counters of the subscriber's audio receiver so far (zeros before audio arrives)."""
+        if self.audio_track is not None:
+            for stats in await self.audio_track.get_stats():
+                if stats.HasField("inbound_rtp"):
+                    inbound = stats.inbound_rtp.inbound
+                    return AudioReceiveStats(inbound.jitter_buffer_delay, inbound.jitter_buffer_emitted_count,
+                                             inbound.concealed_samples, inbound.total_samples_received)
+        return AudioReceiveStats(0.0, 0, 0, 0)
 
     def intervals_ms(self, since: float = 0.0, until: float = float("inf")) -> np.ndarray:
         """Milliseconds between consecutive frame arrivals within [since, until]."""

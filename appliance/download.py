@@ -29,6 +29,7 @@ from appliance.manifest import (
     UpdateError,
     VerifyError,
     sha256_file,
+    store_failure,
 )
 
 __all__ = ["UpdaterSettings", "download", "format_bytes"]
@@ -121,12 +122,11 @@ async def download(source: str, partial: Path, *, size: int, sha256: str,
 
 
 def _disk_error(exc: OSError, partial: Path, size: int) -> UpdateError:
-
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         partial.unlink(missing_ok=True)
         return DiskFull(f"{partial.parent}: the disk filled up while downloading a "
                         f"{format_bytes(size)} model", fix="free space on that filesystem")
-    return DownloadError(f"cannot write {partial}: {exc.strerror or exc}")
+    return store_failure(exc, partial.parent.parent)
 
 
 async def _fetch_http(session: aiohttp.ClientSession, url: str, partial: Path, size: int,

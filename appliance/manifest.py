@@ -30,7 +30,9 @@ sorted keys, no whitespace (separators ``,`` and ``:``), non-ASCII left as UTF-8
     json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 ``key_id`` is inside the signed bytes. Numbers are integers only (no floats), duplicate
-keys and unknown keys are refused, and a manifest is at most 64 KiB.
+keys and unknown keys are refused, and a manifest is at most 64 KiB and nested at most
+``MAX_MANIFEST_DEPTH`` deep: both are checked before the JSON parser sees a byte, so
+whatever a server or a USB stick serves, the answer is a ``ManifestError``.
 
 Versions compare part by part after splitting on ``.``, ``-``, ``+`` and ``_``: numbers
 numerically, words alphabetically, numbers above words, and a longer version above its
@@ -54,12 +56,16 @@ Exception tree (every one has ``operator_line()``)::
     ├── VerifyError             the bytes do not hash to the signed sha256
     ├── DiskFull                not enough free space in the model store
     └── StoreError              the model store cannot do what was asked
+
+``store_failure(OSError)`` turns what the filesystem says (EIO, ENOSPC, EACCES, EROFS)
+into one of the last two, with the fix.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -82,6 +88,7 @@ from appliance.errors import OperatorError
 __all__ = [
     "MANIFEST_FORMAT",
     "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_DEPTH",
     "RUNTIME_EXTENSIONS",
     "Manifest",
     "TrustedKey",
@@ -109,12 +116,14 @@ __all__ = [
     "resolve_url",
     "sha256_file",
     "sign_manifest",
+    "store_failure",
     "version_key",
 ]
 
 MANIFEST_FORMAT = "appliance-model-manifest"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 1024
+MAX_MANIFEST_DEPTH = 16  # a manifest is one flat object; deeper input never reaches json.loads
 RUNTIME_EXTENSIONS = {"reference": ".json", "bithuman": ".imx"}
 SETTING = "[models] manifest_url"
 KEY_SETTING = "[models] public_key"
@@ -164,6 +173,26 @@ class DiskFull(UpdateError):
 
 class StoreError(UpdateError):
     pass
+
+
+STORE_SETTING = "[models] directory"
+
+
+def store_failure(exc: OSError, root: str | os.PathLike[str]) -> UpdateError:
+    """What the filesystem of the model store said, as one line with the fix."""
+    where = exc.filename or root
+    what = f"model store {where}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(what, setting=STORE_SETTING, fix=f"free space on the filesystem of {root}")
+    if exc.errno == errno.EIO:
+        fix = "the disk or SD card reports read/write errors: check `journalctl -k`, replace it if they repeat"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = f"the daemon runs as user appliance: `chown -R appliance: {root}`"
+    elif exc.errno == errno.EROFS:
+        fix = "the filesystem went read-only (usually after disk errors): check `journalctl -k`, then reboot"
+    else:
+        fix = f"check {root} and its filesystem"
+    return StoreError(what, setting=STORE_SETTING, fix=fix + "; the current model keeps serving")
 
 
 # -- keys -----------------------------------------------------------------------------
@@ -280,17 +309,66 @@ def _no_floats(text: str) -> Any:
     raise ValueError(f"number {text} is not an integer")
 
 
+_NOT_A_MANIFEST_FIX = ("point [models] manifest_url at the manifest.json that `appliance models publish` "
+                       "wrote; the current model keeps serving")
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where [ or { nesting (outside strings) passes MAX_MANIFEST_DEPTH, else None.
+
+    One linear pass (a regex for strings backtracks quadratically on crafted input).
+    """
+    depth, line, in_string, escaped = 0, 1, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_MANIFEST_DEPTH:
+                return line
+        elif char in "]}":
+            depth -= 1
+        if char == "\n":
+            line += 1
+    return None
+
+
 def parse_manifest(raw: bytes, keys: Iterable[TrustedKey], *, source: str = "manifest") -> Manifest:
-    """Parse and verify; the signature is checked before any field is believed."""
+    """Parse and verify; the signature is checked before any field is believed.
+
+    Size and nesting are bounded before parsing: any input gives a ManifestError.
+    """
+    def not_a_manifest(why: str) -> ManifestError:
+        return ManifestError(f"{source} is not a manifest: {why}", setting=SETTING, fix=_NOT_A_MANIFEST_FIX)
+
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{source} is larger than {MAX_MANIFEST_BYTES} bytes", setting=SETTING)
+        raise not_a_manifest(f"larger than {MAX_MANIFEST_BYTES // 1024} KiB (a manifest is about 1 KiB)")
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_a_manifest(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    line = _too_deep(text)
+    if line is not None:
+        raise not_a_manifest(f"JSON nested more than {MAX_MANIFEST_DEPTH} levels deep (line {line}); "
+                             "a manifest is one flat object")
+    if not text.strip():
+        raise not_a_manifest("the file is empty")
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates,
                          parse_float=_no_floats, parse_constant=_no_floats)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ManifestError(f"{source} is not a manifest: {exc}", setting=SETTING) from exc
+    except json.JSONDecodeError as exc:  # it says where: "Expecting ',' delimiter: line 5 column 1"
+        raise not_a_manifest(f"{exc} (truncated, or not JSON)") from None
+    except ValueError as exc:  # a duplicate key, a float, a 5000-digit number
+        raise not_a_manifest(str(exc)) from None
     if not isinstance(doc, dict):
-        raise ManifestError(f"{source} is not a manifest: not a JSON object", setting=SETTING)
+        raise not_a_manifest(f"a JSON {type(doc).__name__}, not an object")
     signature, key_id = doc.get("signature"), doc.get("key_id")
     if not isinstance(signature, str) or not isinstance(key_id, str):
         raise SignatureError(f"{source} is not signed (no signature/key_id)", setting=SETTING,

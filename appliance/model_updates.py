@@ -12,6 +12,13 @@ and *how* a staged model goes live, through two callbacks the supervisor gives:
 
 A power cut anywhere is safe: before ``activate`` the old model boots; after it,
 an unconfirmed current model is on trial at boot (``startup_trial``).
+
+The loop never ends of one bad input (a malformed manifest, a store failing with
+EIO/ENOSPC/EACCES, a bug): the round's failure becomes ``problem`` (one line with the
+fix, shown by ``appliance status``), and the next check comes after ``RETRY_S``,
+doubling each failed round up to the check interval. The store failing to record a
+switch sends the avatar back to what served before, so a restart shows the same; a bad
+model it failed to record is recorded first thing in the next round.
 """
 
 from __future__ import annotations
@@ -25,14 +32,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from appliance.config import Config
-from appliance.manifest import UpdateError, parse_public_key
+from appliance.manifest import UpdateError, parse_public_key, store_failure
 from appliance.models import ModelEntry, ModelStore, Outcome, Updater, UpdaterSettings, in_window
 
-__all__ = ["ModelUpdates", "SOAK_S"]
+__all__ = ["ModelUpdates", "RETRY_S", "SOAK_S"]
 
 log = logging.getLogger("appliance.model_updates")
 
 SOAK_S = 5.0  # a swapped-in model must stay healthy this long before it is confirmed good
+RETRY_S = 30.0  # after a failed round; doubles each time, at most [models] check_interval_s
 
 # swap(entry, deadline_s) -> None on success, else the operator-facing reason it failed;
 # entry None means the configured [avatar] model (what served before the store had one)
@@ -66,6 +74,11 @@ class ModelUpdates:
         self._wake = asyncio.Event()
         self.waiting_for = ""  # why a staged model is not live yet (window, speech)
         self.last_result = ""
+        self.problem = ""  # the last round's failure, with the fix; "" after a good round
+        self.failures = 0  # failed rounds in a row
+        self.next_check_at: float | None = None  # time.monotonic()
+        self._round_error: UpdateError | None = None
+        self._unrecorded_bad: dict[str, str] = {}  # version -> reason, when the store failed to record it
 
     @property
     def enabled(self) -> bool:
@@ -83,25 +96,58 @@ class ModelUpdates:
     def check_now(self) -> None:
         self._wake.set()
 
+    def retry_delay(self) -> float:
+        """Seconds to the next check: the interval, or a growing retry after failed rounds."""
+        interval = float(self.config.models.check_interval_s)
+        if not self.failures:
+            return interval
+        return min(interval, RETRY_S * 2 ** min(self.failures - 1, 20))
+
     async def run(self) -> None:
         """Poll forever (monotonic clock, jittered so a fleet does not hit the server at once)."""
-        interval = self.config.models.check_interval_s
         while True:
-            await self.check_and_apply()
-            delay = interval * random.uniform(0.9, 1.1)
+            ok = await self.check_and_apply()
+            self.failures = 0 if ok else self.failures + 1
+            delay = self.retry_delay() * random.uniform(0.9, 1.1)
+            self.next_check_at = time.monotonic() + delay
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except TimeoutError:
                 pass
             self._wake.clear()
 
-    async def check_and_apply(self) -> None:
+    async def check_and_apply(self) -> bool:
+        """One round: check, and take a staged model live. False (and ``problem``) if it failed.
+
+        Never raises, except cancellation.
+        """
+        self._round_error = None
         try:
-            result = await self.updater.check_once()
-        except UpdateError as exc:
-            self.last_result = exc.operator_line()
-            log.error("model update: %s", self.last_result, extra={"reason": self.last_result})
-            return
+            await self._round()
+        except Exception as exc:
+            self._round_error = self._as_update_error(exc)
+        if self._round_error is None:
+            self.problem = ""
+            return True
+        self.problem = self.last_result = self._round_error.operator_line()
+        log.error("model update: %s", self.problem, extra={"reason": self.problem})
+        return False
+
+    def _as_update_error(self, exc: Exception) -> UpdateError:
+        if isinstance(exc, UpdateError):
+            return exc
+        if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+            return store_failure(exc, self.store.root)  # activate, mark_good, mark_bad
+        log.error("model update: unexpected error", exc_info=exc)
+        return UpdateError(f"model update failed: {type(exc).__name__}: {exc}", setting="[models]",
+                           fix="this is a bug: report it with `journalctl -u appliance`; retrying, "
+                               "the current model keeps serving")
+
+    async def _round(self) -> None:
+        for version, reason in list(self._unrecorded_bad.items()):  # first, what the store missed
+            await asyncio.to_thread(self.updater.mark_bad, version, reason)
+            del self._unrecorded_bad[version]
+        result = await self.updater.check_once()
         self.last_result = result.message
         if result.outcome is not Outcome.STAGED or result.entry is None:
             log.info("model update: %s", result.message)
@@ -124,30 +170,58 @@ class ModelUpdates:
     async def go_live(self, entry: ModelEntry) -> bool:
         """Warm, activate, swap, soak; on any failure the old model keeps (or goes back to) serving."""
         version = entry.version
+        before = self.store.current()  # what serves now (None: the [avatar] model): the way back
         reason = await self._swap(entry, self.config.models.warmup_timeout_s)
         if reason is not None:
-            self._bad(version, reason)
+            self._bad(version, reason, before)
             return False
-        await asyncio.to_thread(self.updater.activate, version)  # fsyncs: off the event loop
+        try:
+            await asyncio.to_thread(self.updater.activate, version)  # fsyncs: off the event loop
+        except UpdateError:
+            # the store did not record the switch: go back, so that a restart shows the same
+            await self._swap_back(before)
+            raise
         soak_until = time.monotonic() + SOAK_S
         while time.monotonic() < soak_until:
             await asyncio.sleep(0.5)
             if not self._healthy():
-                back = self._bad(version, f"stopped rendering within {SOAK_S:.0f} s of going live")
-                await self._swap(back if back is not None and back.path else None,
-                                 self.config.models.warmup_timeout_s)
+                await self._swap_back(
+                    self._bad(version, f"stopped rendering within {SOAK_S:.0f} s of going live", before))
                 return False
         await asyncio.to_thread(self.updater.mark_good, version)
         log.info("model %s %s is live and confirmed", entry.name, version, extra={"model": version})
         return True
 
-    def _bad(self, version: str, reason: str) -> ModelEntry | None:
+    async def _swap_back(self, entry: ModelEntry | None) -> None:
+        await self._swap(entry if entry is not None and entry.path else None,
+                         self.config.models.warmup_timeout_s)
+
+    def _bad(self, version: str, reason: str, fallback: ModelEntry | None) -> ModelEntry | None:
+        """Mark ``version`` bad; returns what should serve now (``fallback`` if the store fails)."""
         log.error("model %s marked bad: %s", version, reason, extra={"model": version, "reason": reason})
-        return self.updater.mark_bad(version, reason)
+        try:
+            return self.updater.mark_bad(version, reason)
+        except UpdateError as exc:  # the store failed: recorded at the start of the next round
+            self._round_error = exc
+            self._unrecorded_bad[version] = reason
+            return fallback
 
     async def startup_trial(self) -> None:
-        """After a power cut between activate and confirm: the current model must prove itself."""
-        current = self.store.current()
+        """After a power cut between activate and confirm: the current model must prove itself.
+
+        Never raises (except cancellation): a failure is the loop's ``problem``.
+        """
+        self._round_error = None
+        try:
+            await self._trial()
+        except Exception as exc:
+            self._round_error = self._as_update_error(exc)
+        if self._round_error is not None:
+            self.problem = self._round_error.operator_line()
+            log.error("model update: %s", self.problem, extra={"reason": self.problem})
+
+    async def _trial(self) -> None:
+        current, previous = self.store.current(), self.store.previous()
         if current is None or current.confirmed:
             return
         deadline = time.monotonic() + self.config.models.warmup_timeout_s
@@ -158,11 +232,14 @@ class ModelUpdates:
                     self.updater.mark_good(current.version)
                     return
             await asyncio.sleep(0.5)
-        back = self._bad(current.version, "did not render after a restart while on trial")
-        await self._swap(back if back is not None and back.path else None, self.config.models.warmup_timeout_s)
+        await self._swap_back(self._bad(current.version, "did not render after a restart while on trial",
+                                        previous))
 
     def status(self) -> dict[str, Any]:
         status = self.updater.status()
         status["waiting_for"] = self.waiting_for or None
         status["last_result"] = self.last_result or None
+        status["problem"] = self.problem or None
+        status["next_check_in_s"] = (round(max(0.0, self.next_check_at - time.monotonic()), 1)
+                                     if self.next_check_at is not None else None)
         return status

@@ -66,6 +66,7 @@ from appliance.manifest import (
     parse_public_key,
     resolve_url,
     sha256_file,
+    store_failure,
     version_key,
 )
 from appliance.states import StateCell
@@ -502,7 +503,7 @@ class Updater:
             try:
                 async with session.get(url, timeout=timeout) as resp:
                     if resp.status == 200:
-                        return await resp.content.read(MAX_MANIFEST_BYTES + 1)
+                        return await _read_capped(resp.content, MAX_MANIFEST_BYTES + 1)
                     why = f"HTTP {resp.status} {resp.reason}"
                     if resp.status not in (404, 408, 429) and resp.status < 500:
                         break
@@ -512,12 +513,27 @@ class Updater:
                             fix="check the URL and the update server; the current model keeps serving")
 
     async def check_once(self) -> UpdateResult:
-        """One check: returns what happened, or raises an UpdateError (also kept in last_error)."""
+        """One check: returns what happened, or raises an UpdateError (also kept in last_error).
+
+        Whatever the manifest or the store does, the state ends IDLE, STAGED or FAILED:
+        an OSError from the store and any unexpected error become an UpdateError too.
+        """
         self._state.set(UpdateState.CHECKING, self.manifest_url)
         self.last_check = time.monotonic()
         try:
-            async with aiohttp.ClientSession() as session:
-                result = await self._check(session)
+            try:
+                async with aiohttp.ClientSession() as session:
+                    result = await self._check(session)
+            except Exception as exc:  # nothing may leave the state CHECKING forever
+                if isinstance(exc, UpdateError):
+                    raise
+                if isinstance(exc, OSError) and not isinstance(exc, TimeoutError | aiohttp.ClientError):
+                    raise store_failure(exc, self.store.root) from exc
+                log.exception("model update check of %s failed", self.manifest_url)
+                raise UpdateError(f"checking {self.manifest_url} failed: {type(exc).__name__}: {exc}",
+                                  setting="[models] manifest_url",
+                                  fix="this is a bug: report it with `journalctl -u appliance`; "
+                                      "the check is retried and the current model keeps serving") from exc
         except UpdateError as exc:
             self.last_error = exc
             self._state.set(UpdateState.FAILED, exc.operator_line(), level=logging.WARNING)
@@ -573,16 +589,32 @@ class Updater:
 
     # hooks for the supervisor ----------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _storing(self) -> Iterator[None]:
+        """A store step: an OSError becomes an UpdateError, and either one the FAILED state."""
+        try:
+            try:
+                yield
+            except OSError as exc:
+                raise store_failure(exc, self.store.root) from exc
+        except UpdateError as exc:
+            self.last_error = exc
+            self._state.set(UpdateState.FAILED, exc.operator_line(), level=logging.WARNING)
+            raise
+
     def activate(self, version: str) -> ModelEntry:
-        entry = self.store.activate(version)
+        with self._storing():
+            entry = self.store.activate(version)
         self._state.set(UpdateState.IDLE, f"{version} is current")
         return entry
 
     def mark_good(self, version: str) -> None:
-        self.store.mark_good(version)
+        with self._storing():
+            self.store.mark_good(version)
 
     def mark_bad(self, version: str, reason: str) -> ModelEntry | None:
-        now = self.store.mark_bad(version, reason)
+        with self._storing():
+            now = self.store.mark_bad(version, reason)
         self._state.set(UpdateState.IDLE, f"{version} is bad: {reason}", level=logging.WARNING)
         return now
 
@@ -590,8 +622,14 @@ class Updater:
         return self.store.rollback(reason)
 
     def status(self) -> dict[str, Any]:
-        """For ``appliance status`` (JSON-safe)."""
-        current, previous = self.store.current(), self.store.previous()
+        """For ``appliance status`` (JSON-safe); a failing store is reported, never raised."""
+        error = self.last_error
+        try:
+            current, previous = self.store.current(), self.store.previous()
+            bad = sorted(e.version for e in self.store.list() if e.state == "bad")
+        except OSError as exc:
+            current, previous, bad = None, None, []
+            error = error or store_failure(exc, self.store.root)
         p = self.progress
         return {
             "state": self.state.value,
@@ -599,12 +637,20 @@ class Updater:
             "current": current.version if current else None,
             "confirmed": current.confirmed if current else None,
             "previous": previous.version if previous else None,
-            "bad": sorted(e.version for e in self.store.list() if e.state == "bad"),
+            "bad": bad,
             "download": {"version": p.version, "bytes": p.done, "total": p.total}
             if self.state is UpdateState.DOWNLOADING else None,
             "last_check_ago_s": round(time.monotonic() - self.last_check, 1) if self.last_check else None,
-            "last_error": self.last_error.operator_line() if self.last_error else None,
+            "last_error": error.operator_line() if error else None,
         }
+
+
+async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to ``limit`` bytes, to the end of the body (``read(n)`` alone may stop at a packet)."""
+    data = bytearray()
+    while len(data) < limit and (chunk := await stream.read(limit - len(data))):
+        data += chunk
+    return bytes(data)
 
 
 # -- policy ------------------------------------------------------------------------------

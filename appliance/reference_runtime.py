@@ -100,6 +100,7 @@ DEFAULT_GEOMETRY: dict[str, Any] = {
     "sway": 1.0,
 }
 HAIR_STYLES = ("short", "long", "bun", "none")
+MAX_CATCH_UP_S = 0.25  # see ReferenceRuntime.frames
 _GEOMETRY_RANGES: dict[str, tuple[float, float]] = {
     "head_width": (0.2, 0.6),
     "head_height": (0.25, 0.7),
@@ -615,7 +616,12 @@ class ReferenceRuntime(Runtime):
         self._resampler = None
 
     async def frames(self) -> AsyncIterator[Frame]:
-        """One frame per 1/fps on a monotonic schedule (frame n at t0 + n/fps); never skips frames."""
+        """One frame per 1/fps on a monotonic schedule (frame n at t0 + n/fps).
+
+        Behind schedule it skips the sleep, not the frame, and so catches up after a
+        short stall; but by at most ``MAX_CATCH_UP_S``: frames owed for longer (CPU
+        overload, a long stall) are forgotten, not rendered in a burst that would only
+        pile up downstream or be dropped there with the speech they carry."""
         if self.model is None:
             raise RuntimeError("ReferenceRuntime.frames() before open()")
         t0 = time.monotonic()
@@ -623,9 +629,9 @@ class ReferenceRuntime(Runtime):
         period = 1.0 / self._spec.fps
         while not self._closed:
             delay = t0 + n * period - time.monotonic()
-            await asyncio.sleep(
-                delay if delay > 0 else 0
-            )  # behind schedule: skip the sleep, not the frame
+            if delay < -MAX_CATCH_UP_S:
+                t0 -= delay + MAX_CATCH_UP_S  # frame n is now due MAX_CATCH_UP_S ago
+            await asyncio.sleep(max(delay, 0.0))
             if self._closed:
                 return
             yield self.next_frame()

@@ -102,6 +102,9 @@ SPARE_ALIVE_S = 1.5  # a spare that answered within this long may be promoted
 SPARE_DEAD_S = 3.0  # an idle spare silent for this long is replaced
 SPARE_HELLO_TIMEOUT_S = 60.0  # a new spare must finish its imports (slow under emulation)
 HANDSHAKE_TIMEOUT_S = 2.0  # Hello seen, Init sent: the child must answer Opening by then
+# Frames received but not yet consumed, at most: a consumer that falls behind (CPU load)
+# loses the oldest frames rather than building latency (each frame holds 40 ms of audio).
+MAX_BACKLOG = 3
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,11 @@ class _Child:
         self.failure: Failure | None = None
         self.frames = 0
         self.last_frame = 0.0
+        self.last_seq = 0
+        # barge-in: interrupts the child has not echoed yet, and the last frame rendered
+        # before the latest echo (speech in frames up to it was cancelled)
+        self.interrupts_unacked = 0
+        self.cancelled_upto = 0
         self.first_frame_at: float | None = None
         self.last_pong = 0.0
         self.running_since: float | None = None
@@ -225,6 +233,7 @@ class _Child:
                 if isinstance(msg, FrameReady):  # the hot path
                     self.frames += 1
                     self.last_frame = time.monotonic()
+                    self.last_seq = msg.seq
                     if self.on_frame is not None:
                         self.on_frame(self, msg.slot, msg.seq)
                     if self.frames > 1:
@@ -232,6 +241,11 @@ class _Child:
                     self.first_frame_at = self.last_frame
                 elif isinstance(msg, Pong):
                     self.last_pong = time.monotonic()
+                    continue
+                elif isinstance(msg, Interrupt):  # the echo: the runtime dropped its speech
+                    self.interrupts_unacked = max(0, self.interrupts_unacked - 1)
+                    if not self.interrupts_unacked:
+                        self.cancelled_upto = self.last_seq
                     continue
                 elif isinstance(msg, Hello):
                     self.hello_at = time.monotonic()
@@ -249,6 +263,10 @@ class _Child:
         finally:
             self.eof = True
             self.wakeup.set()
+
+    def speech_cancelled(self, seq: int) -> bool:
+        """Frame ``seq`` was rendered before the runtime applied the latest interrupt."""
+        return self.interrupts_unacked > 0 or seq <= self.cancelled_upto
 
     def _attach(self, msg: Ready) -> None:
         if msg.shm_name != self.shm_name:
@@ -337,6 +355,7 @@ class Renderer:
         self.last_frame_monotonic: float | None = None
         self.spawned = 0  # children started, spares included
         self.dropped_frames = 0  # consumer too slow, or slot overwritten during the copy
+        self.cancelled_frames = 0  # speech frames rendered before an interrupt took effect
         self.video: VideoSpec | None = None
         self._state = StateCell(
             State.STOPPED, logger=log, who=f"renderer {name}", on_change=on_state
@@ -345,7 +364,7 @@ class Renderer:
         self._spare: _Child | None = None
         self._children: set[_Child] = set()  # every child not yet retired, whatever its role
         self._retiring: set[asyncio.Task[None]] = set()
-        self._pending: collections.deque[tuple[Ring, int, int]] = collections.deque()
+        self._pending: collections.deque[tuple[_Child, Ring, int, int]] = collections.deque()
         self._frame_event = asyncio.Event()
         self._frame_times: collections.deque[float] = collections.deque()
         self._first_frame_at: float | None = None
@@ -405,10 +424,13 @@ class Renderer:
                     return
                 self._frame_event.clear()
                 await self._frame_event.wait()
-            ring, slot, seq = self._pending.popleft()
+            child, ring, slot, seq = self._pending.popleft()
             frame = ring.read(slot, seq)
             if frame is None:
                 self.dropped_frames += 1
+                continue
+            if frame.speaking and child.speech_cancelled(seq):
+                self.cancelled_frames += 1  # barge-in: its speech must not be heard
                 continue
             yield frame
 
@@ -426,7 +448,14 @@ class Renderer:
         return self._send(_FlushMsg())
 
     def interrupt(self) -> bool:
-        return self._send(Interrupt())
+        """Barge-in: the child drops its queued speech; speech frames it rendered before
+        that (in the ring, on their way, or pending here) are dropped as they come."""
+        child = self._current
+        if not self._send(Interrupt()):
+            return False
+        assert child is not None
+        child.interrupts_unacked += 1
+        return True
 
     async def close(self) -> None:
         """Stop the child (ask, dump, kill), the spare and the supervision; bounded time."""
@@ -468,10 +497,11 @@ class Renderer:
             self._first_frame_at = now
         if child.ring is None:
             return
-        if len(self._pending) >= self.slots - 2:  # the child is about to overwrite these slots
+        # beyond slots - 2 the child is about to overwrite the oldest slots
+        while len(self._pending) >= min(self.slots - 2, MAX_BACKLOG):
             self._pending.popleft()
             self.dropped_frames += 1
-        self._pending.append((child.ring, slot, seq))
+        self._pending.append((child, child.ring, slot, seq))
         self._frame_event.set()
 
     async def _spawn(self, preload: str = "", nice: int = 0) -> _Child:

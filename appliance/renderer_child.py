@@ -128,6 +128,9 @@ class Flush(Message):
 
 @dataclass
 class Interrupt(Message):
+    """Parent → child: barge-in. Child → parent, once the runtime dropped its speech: every
+    ``FrameReady`` before this echo may carry cancelled speech, none after it does."""
+
     tag: ClassVar[int] = 5
 
 
@@ -505,6 +508,7 @@ class _Child:
                 await runtime.flush()
             elif isinstance(msg, Interrupt):
                 await runtime.interrupt()
+                self.send(Interrupt())
             elif isinstance(msg, Ping):
                 self.send(Pong(msg.seq))
             else:

@@ -39,6 +39,14 @@ __all__ = ["RoomState", "RoomOptions", "KioskRoom", "SpeechSink"]
 
 log = logging.getLogger("appliance.room")
 
+# Audio queued ahead of the wire, at most (the native AudioSource blocks the frame pump
+# beyond it): what the voice lags the picture by. The stock AvatarRunner uses 100 ms too.
+AUDIO_QUEUE_MS = 100
+# What stays queued while nothing is said, and what a barge-in leaves (as silence): enough
+# to ride out the frame pump's jitter. A gap on the wire would make every subscriber's
+# jitter buffer, and with it the voice's delay, grow for good.
+AUDIO_STEADY_S = 0.06
+
 
 class RoomState(enum.Enum):
     IDLE = "idle"
@@ -113,6 +121,8 @@ class KioskRoom:
         self._disconnected = asyncio.Event()
         self._stopping = False
         self._playback = _Playback()
+        self._interrupts = 0  # barge-ins so far: a frame on its way when one came is not heard
+        self._audio_lock = asyncio.Lock()  # one AudioSource.capture_frame at a time
 
     @property
     def speaking(self) -> bool:
@@ -184,7 +194,7 @@ class KioskRoom:
 
     async def _publish(self, room: rtc.Room) -> None:
         video = self._video
-        self._audio_source = rtc.AudioSource(AUDIO_SAMPLE_RATE, 1, queue_size_ms=200)
+        self._audio_source = rtc.AudioSource(AUDIO_SAMPLE_RATE, 1, queue_size_ms=AUDIO_QUEUE_MS)
         self._video_source = rtc.VideoSource(video.width, video.height)
         self._av_sync = rtc.AVSynchronizer(
             audio_source=self._audio_source,
@@ -316,10 +326,19 @@ class KioskRoom:
             self._speech.push_audio(pcm.tobytes(), item.sample_rate)
 
     def _on_clear_buffer(self) -> None:
+        """Barge-in: silence now. The renderer drops the speech it has queued or already
+        rendered; here the audio queued for the wire gives way to a little silence."""
+        self._interrupts += 1
         self._speech.interrupt()
+        unplayed = 0.0
+        if self._audio_source is not None:
+            unplayed = self._audio_source.queued_duration
+            self._audio_source.clear_queue()
+            self._spawn(self._capture_audio(np.zeros(int(AUDIO_STEADY_S * AUDIO_SAMPLE_RATE), np.int16)))
         if self._playback.active and self._receiver is not None:
-            log.info("interrupted by the agent after %.2f s", self._playback.position_s)
-            self._receiver.notify_playback_finished(self._playback.position_s, interrupted=True)
+            heard = max(0.0, self._playback.position_s - unplayed)
+            log.info("interrupted by the agent after %.2f s", heard)
+            self._receiver.notify_playback_finished(heard, interrupted=True)
         self._playback.reset()
 
     # -- frames out ----------------------------------------------------------------
@@ -331,11 +350,34 @@ class KioskRoom:
             return
         height, width = frame.image.shape[:2]
         video_frame = rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, frame.image.tobytes())
-        audio_frame = rtc.AudioFrame(frame.audio.tobytes(), AUDIO_SAMPLE_RATE, 1, len(frame.audio))
-        await av_sync.push(video_frame)
-        await av_sync.push(audio_frame)
+        interrupts = self._interrupts
+        await av_sync.push(video_frame)  # waits while the synchronizer's video queue is full
+        audio = frame.audio
+        if frame.speaking and interrupts != self._interrupts:
+            audio = np.zeros_like(audio)  # interrupted while this frame waited
+        elif not frame.speaking:
+            audio = self._steady(audio)
+        await self._capture_audio(audio)
         self.frames_published += 1
         self._track_playback(frame)
+
+    def _steady(self, silence: np.ndarray) -> np.ndarray:
+        """Silence, more or less of it: idle frames bring the queued audio back to
+        AUDIO_STEADY_S (speech is never stretched or cut for it)."""
+        queued = self._audio_source.queued_duration if self._audio_source else AUDIO_STEADY_S
+        frame_s = len(silence) / AUDIO_SAMPLE_RATE
+        if queued > AUDIO_STEADY_S + frame_s:
+            return silence[:0]
+        if queued < AUDIO_STEADY_S - frame_s:
+            return np.zeros(2 * len(silence), np.int16)
+        return silence
+
+    async def _capture_audio(self, pcm: np.ndarray) -> None:
+        source = self._audio_source
+        if source is None or not len(pcm):
+            return
+        async with self._audio_lock:  # the native source refuses a capture while one waits
+            await source.capture_frame(rtc.AudioFrame(pcm.tobytes(), AUDIO_SAMPLE_RATE, 1, len(pcm)))
 
     def _track_playback(self, frame: Frame) -> None:
         playback, receiver = self._playback, self._receiver

@@ -78,6 +78,14 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  config:   {line}")
     for line in status.get("boot_config_problems") or []:
         lines.append(f"  boot config not applied: {line}")
+    models = status.get("models")
+    if models:
+        line = f"  models:   {models.get('state')}, current {models.get('current') or 'the [avatar] model'}"
+        if models.get("next_check_in_s") is not None:
+            line += f", next check in {models['next_check_in_s']:.0f} s"
+        lines.append(line)
+        if models.get("problem"):
+            lines.append(f"  update problem: {models['problem']}")
     return "\n".join(lines)
 
 
@@ -144,6 +152,8 @@ def prometheus_text(status: dict[str, Any]) -> str:
         ("appliance_room_connected", "gauge", "1 while live in the room", int(room["state"] == "live")),
         ("appliance_config_problems", "gauge", "problems in the current config files",
          len(status.get("config_problems") or [])),
+        ("appliance_model_update_problem", "gauge", "1 while the last model update round failed",
+         int(bool((status.get("models") or {}).get("problem")))),
     ]
     lines = []
     for name, kind, help_text, value in metrics:

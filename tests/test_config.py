@@ -153,13 +153,22 @@ EXPECTED = {
     "bad-url.toml": ":2: [livekit] url: got 'http://livekit.example.com' — use ws://",
     "bad-window.toml": ":4: [models] update_window: got '2am-5am'",
     "bithuman-without-model.toml": ":2: [avatar] model: runtime is bithuman but no model is set",
+    # saved by Notepad with a byte order mark and CRLF: read as written, lines counted right
+    "bom-crlf-wrong-type.toml": ":4: [avatar] stall_timeout_s: got 'two', expected a number",
     "inline-secret.toml": ":3: [livekit] api_secret: unknown key — secrets are never written in the TOML",
+    "latin1.toml": ":3: [livekit] room: not UTF-8: byte 0xe9 ('é' in Windows-1252/Latin-1) at column 12"
+                   " — save the file as UTF-8",
     "out-of-range.toml": ":2: [livekit] token_ttl_s: got 10, out of range — use a value from 60 to 86400",
     "several-problems.toml": ":3: [livekit] identty: unknown key — did you mean `identity`?",
+    "smart-quotes.toml": ':3: [livekit] room: curly quote “ at column 8: TOML needs straight quotes'
+                         ' — replace the curly quotes “ ” with straight quotes "',
+    "smart-single-quotes.toml": ":2: [avatar] model: curly quote ‘ at column 9: TOML needs straight quotes"
+                                " — replace the curly quotes ‘ ’ with straight quotes '",
     "syntax-missing-bracket.toml": ":1: TOML syntax error",
     "syntax-unquoted-string.toml": ":2: TOML syntax error",
     "unknown-key-typo.toml": ":2: [livekit] rooom: unknown key — did you mean `room`?",
     "unknown-section.toml": ":1: [avatr]: unknown section — did you mean [avatar]?",
+    "utf16.toml": ':1: the file is UTF-16 (Notepad\'s "Unicode"), not UTF-8 — save the file as UTF-8',
     "wrong-type.toml": ":2: [avatar] stall_timeout_s: got 'two', expected a number",
 }
 

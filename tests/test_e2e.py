@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from appliance.bench import KioskProcess, write_kiosk_config
+from appliance.bench_bargein import interrupt_once
 from appliance.demo import AgentVoice, Viewer, make_token, read_wav
 from appliance.reference_runtime import mouth_box_for, mouth_open_fraction
 from appliance.supervisor import bundled_model
@@ -123,13 +124,15 @@ async def test_agent_drives_the_kiosk(devserver, kiosk: KioskProcess) -> None:  
     long_pcm = np.concatenate([pcm, pcm, pcm])
     talking = asyncio.create_task(voice.say(long_pcm, rate, realtime=False))
     await asyncio.sleep(2.0)
+    talking.cancel()  # as an AgentSession does: the speech task first, then the buffer
+    with contextlib.suppress(asyncio.CancelledError):
+        await talking
     voice.interrupt()
     interrupted_at = time.monotonic()
     await asyncio.wait_for(voice.finished_event.wait(), 5)
     position, interrupted = voice.finished[-1]
     assert interrupted
     assert 0.5 < position < len(long_pcm) / rate - 3, position
-    await talking
     await asyncio.sleep(1.5)
     assert _audio_rms(viewer, interrupted_at + 0.8, time.monotonic()) < 200
 
@@ -318,4 +321,35 @@ async def test_idle_room_never_freezes(devserver, kiosk: KioskProcess) -> None: 
         window = [f.image for f in frames if t <= f.at <= t + 2.0]
         diff = max(np.abs(a.astype(np.int16) - window[0]).mean() for a in window[1:])
         assert diff > 0.2, f"the avatar looked frozen from {t - start:.0f} s"
+    await viewer.close()
+
+
+async def test_barge_in_silences_the_voice_at_once(devserver, kiosk: KioskProcess) -> None:  # type: ignore[no-untyped-def]
+    """An agent interrupts the avatar mid-sentence, as an AgentSession does on barge-in: the
+    voice stops at a viewer well within a second, playback_finished says interrupted, and the
+    next reply plays. (The latency is a benchmark figure: `make bench`.)"""
+    url, key, secret = devserver.url, devserver.api_key, devserver.api_secret
+    viewer = Viewer(KIOSK, keep_images=False)
+    await viewer.connect(url, make_token(key, secret, ROOM, "viewer-barge-in"))
+    voice = AgentVoice(KIOSK)
+    await voice.connect(url, make_token(key, secret, ROOM, "agent-barge-in", agent=True))
+    await asyncio.wait_for(viewer.video_started.wait(), 20)
+    await kiosk.async_wait_for(lambda s: s["agent"] == "agent-barge-in", 10, "saw the agent")
+    results = [await interrupt_once(voice, viewer, talk_s=talk_s) for talk_s in (0.7, 1.3, 1.0)]
+    print("barge-in: clear_to_silence_ms " + " ".join(f"{r.clear_to_silence_ms:.0f}" for r in results)
+          + "; playback_finished after ms " + " ".join(f"{r.finished_after_ms or -1:.0f}" for r in results))
+    for r in results:
+        # reported by the kiosk itself: the agent's own fallback would say so only after 2 s
+        assert r.interrupted and r.finished_after_ms is not None and r.finished_after_ms < 1000, r
+        assert r.clear_to_silence_ms < 1000, r
+
+    voice.finished_event.clear()
+    pcm, rate = read_wav()
+    start = time.monotonic()
+    await voice.say(pcm, rate)
+    await asyncio.wait_for(voice.finished_event.wait(), len(pcm) / rate + 10)
+    position, interrupted = voice.finished[-1]
+    assert not interrupted and abs(position - len(pcm) / rate) < 0.3, (position, interrupted)
+    assert _audio_rms(viewer, start + 0.5, start + len(pcm) / rate - 0.5) > 500
+    await voice.close()
     await viewer.close()

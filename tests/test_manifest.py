@@ -217,3 +217,47 @@ def test_cli_handlers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert cmd_models_sign(str(manifest), key_path) == 0
     assert parse_manifest(manifest.read_bytes(), [pub]).fields["notes"] == "edited"
     assert cmd_models_sign(str(tmp_path / "nope.json"), key_path) == 1
+
+
+# -- whatever the bytes, a ManifestError (never RecursionError, never a hang) ---------------
+
+
+@pytest.mark.parametrize("raw,says", [
+    (b"[" * 60_000, "nested more than 16 levels deep (line 1)"),
+    (b"\n\n" + b'{"a":' * 5_000, "nested more than 16 levels deep (line 3)"),
+    (b" " * (64 * 1024 + 1), "larger than 64 KiB"),
+    (b"", "the file is empty"),
+    (b"\xff\xfe{}", "not UTF-8 text (byte 0xff at offset 0)"),
+    (b'{"format": "appliance-model-manifest", "na', "(truncated, or not JSON)"),
+    (b'"just a string"', "a JSON str, not an object"),
+])
+def test_malformed_manifest_is_refused_before_or_by_the_parser(raw: bytes, says: str) -> None:
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(raw, [TRUSTED], source="https://updates.example/manifest.json")
+    line = exc.value.operator_line()
+    assert line.startswith("[models] manifest_url: https://updates.example/manifest.json is not a manifest: ")
+    assert says in line and "— point [models] manifest_url at the manifest.json" in line
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    doc = sign_manifest(fields(notes='[[[[{{{{"\\\\' * 10), KEY)
+    assert parse_manifest(raw(doc), [TRUSTED]).fields["notes"].startswith("[[[[{{{{")
+
+
+def test_crafted_input_is_checked_in_linear_time() -> None:
+    import time
+
+    for crafted in (b'"' + b'\\"' * 30_000, b'["' * 30_000, b"[" * 16 + b'"\\' * 30_000):
+        start = time.monotonic()
+        with pytest.raises(ManifestError):
+            parse_manifest(crafted, [TRUSTED])
+        took = time.monotonic() - start
+        print(f"\n{len(crafted)} crafted bytes refused in {took * 1000:.1f} ms")
+        assert took < 2.0  # generous: quadratic scanning of this input took ~5 s
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048) | st.text(alphabet='[]{}":,\\ 0a', max_size=4096).map(str.encode))
+def test_property_any_bytes_give_a_manifest_error(data: bytes) -> None:
+    with pytest.raises(ManifestError):
+        parse_manifest(data, [TRUSTED])

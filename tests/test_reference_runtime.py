@@ -77,21 +77,32 @@ def test_frames_come_at_the_real_rate() -> None:
     assert set(shapes) == {(512, 512, 3)}
 
 
-def test_schedule_skips_sleep_not_frames_when_behind() -> None:
-    async def run() -> int:
+def test_schedule_catches_up_after_a_stall_but_not_without_bound() -> None:
+    async def run(stall_s: float) -> tuple[int, int]:
         rt = ReferenceRuntime(64, 64)
         await rt.open("")
         t0 = time.monotonic()
-        n = 0
+        n = burst = 0
+        stalled_until = 0.0
         async for _ in rt.frames():
             n += 1
             if n == 1:
-                time.sleep(0.4)  # a stall: ten frames fall due at once
-            if time.monotonic() - t0 >= 0.8:
+                time.sleep(stall_s)  # frames fall due at once
+                stalled_until = time.monotonic()
+            elif time.monotonic() - stalled_until < 0.02:
+                burst += 1  # came without waiting
+            if time.monotonic() - t0 >= stall_s + 0.4:
                 break
-        return n
+        return n, burst
 
-    assert 19 <= asyncio.run(run()) <= 23  # catches up: ~0.8 s * 25 fps, not 0.4 s worth
+    n, burst = asyncio.run(run(0.2))
+    print(f"after a 0.2 s stall: {burst} frames at once, {n} in 0.6 s")
+    assert 4 <= burst <= 6 and 14 <= n <= 17  # all five owed frames: no time lost
+    n, burst = asyncio.run(run(1.0))
+    print(f"after a 1.0 s stall: {burst} frames at once, {n} in 1.4 s")
+    # at most MAX_CATCH_UP_S (0.25 s) of frames come in a burst; the rest is forgotten
+    # (catching up all of it would make ~36)
+    assert 5 <= burst <= 7 and n <= 22
 
 
 def test_audio_is_conserved_and_silent_when_idle() -> None:

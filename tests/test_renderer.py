@@ -24,7 +24,14 @@ from appliance.reference_runtime import (
     mouth_box,
     mouth_open_fraction,
 )
-from appliance.renderer import SHM_PREFIX, Renderer, RendererCrashed, RendererSpec, State
+from appliance.renderer import (
+    MAX_BACKLOG,
+    SHM_PREFIX,
+    Renderer,
+    RendererCrashed,
+    RendererSpec,
+    State,
+)
 from appliance.renderer_child import (
     FrameReady,
     PushAudio,
@@ -252,12 +259,30 @@ async def test_speech_comes_back_and_interrupt_silences() -> None:
         async for f in r.frames():
             if f.speaking:
                 break
+        await asyncio.sleep(0.2)  # speech frames waiting here and in the ring when it comes
         r.interrupt()
-        quiet = 0
-        async for f in r.frames():  # silent within a few frames, long before the 5 s are over
-            quiet = quiet + 1 if not f.speaking and not f.audio.any() else 0
-            if quiet >= 10:
-                break
+        # none of them is heard: not one speech frame after interrupt(), long before the 5 s
+        after = [f async for f in _take(r, 10)]
+        assert not any(f.speaking or f.audio.any() for f in after), [f.speaking for f in after]
+        assert r.cancelled_frames >= 1
+
+        r.push_audio(tone, AUDIO_SAMPLE_RATE)  # the next reply plays
+        assert any([f.speaking async for f in _take(r, 5)])
+    finally:
+        await r.close()
+
+
+async def test_a_consumer_that_falls_behind_gets_fresh_frames_not_a_backlog() -> None:
+    r = Renderer(spec(), name="t2b", spare=False)
+    await r.start()
+    try:
+        await asyncio.sleep(1.0)  # nobody takes frames (a starved frame pump): 25 arrive
+        t0 = time.monotonic()
+        waited = [time.monotonic() - t0 async for _ in _take(r, MAX_BACKLOG + 2)]
+        backlog = sum(1 for w in waited if w < 0.01)
+        print(f"after 1 s unconsumed: {backlog} frames waiting, {r.dropped_frames} dropped")
+        # (+1: a fresh frame may arrive while the backlog is being read)
+        assert backlog <= MAX_BACKLOG + 1 and r.dropped_frames >= 15
     finally:
         await r.close()
 
