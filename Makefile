@@ -45,7 +45,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m appliance.bench
+	$(PY) -m appliance.dev.bench
 
 config: setup
 	$(VENV)/bin/appliance config defaults > config/appliance.toml

@@ -29,7 +29,7 @@ from appliance.config import (
     notes,
     render_default_toml,
 )
-from appliance.logs import setup_logging
+from appliance.status.logs import setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -78,8 +78,8 @@ def _check_each(targets: list[str]) -> int:
 
 
 def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[str]) -> int:
-    from appliance.dev import dev_overrides, start_dev_server
-    from appliance.reload import ConfigWatcher
+    from appliance.config.watch import ConfigWatcher
+    from appliance.dev.local import dev_overrides, start_dev_server
     from appliance.supervisor import Supervisor
 
     paths = config_paths(args.config)
@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    from appliance.demo import run_demo
+    from appliance.dev.demo import run_demo
 
     return run_demo(out=Path(args.out), seconds=args.seconds, text=args.text)
 
@@ -173,7 +173,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from appliance.status import format_status, query_status
+    from appliance.status.server import format_status, query_status
 
     path = args.socket
     if path is None:
@@ -192,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _signal_daemon(config: Config) -> None:
     """Tell a running daemon to look at the model store again (SIGHUP, like `systemctl reload`)."""
-    from appliance.status import query_status
+    from appliance.status.server import query_status
 
     try:
         pid = query_status(config.status.socket).get("pid")
@@ -205,7 +205,8 @@ def _signal_daemon(config: Config) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from appliance import manifest, models
+    from appliance.models import manifest
+    from appliance.models import store as models
 
     action = args.action
     if action == "keygen":
@@ -233,7 +234,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not config.models.manifest_url:
         print("[models] manifest_url is not set: nothing to update from", file=sys.stderr)
         return EXIT_CONFIG
-    from appliance.model_updates import trusted_keys
+    from appliance.models.rollout import trusted_keys
 
     keys = [key.text() for key in trusted_keys(config.models.public_key)]
     code = models.cmd_models_update(directory, config.models.manifest_url, keys,

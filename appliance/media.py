@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from appliance.runtime import Frame
+from appliance.runtimes import Frame
 
 __all__ = ["FrameSink", "FrameSource", "FrameFanout", "FpsMeter"]
 

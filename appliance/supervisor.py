@@ -23,21 +23,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from appliance.auth import FetchedTokens, MintedTokens, TokenError, TokenSource
 from appliance.config import Config, ConfigError, effective_values, save_last_good
+from appliance.config.watch import diff_configs
 from appliance.devices import Devices
-from appliance.gpio_devices import LedState
-from appliance.logs import apply_levels
-from appliance.manifest import UpdateError
-from appliance.model_updates import ModelUpdates
-from appliance.models import ModelEntry
-from appliance.notify import Notifier
-from appliance.reload import diff_configs
+from appliance.devices.gpio import LedState
+from appliance.models.manifest import UpdateError
+from appliance.models.rollout import ModelUpdates
+from appliance.models.store import ModelEntry
 from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
-from appliance.runtime import Frame, RuntimeFailure, VideoSpec
-from appliance.states import RendererState
-from appliance.status import HealthServer, StatusServer
-from appliance.tokens import FetchedTokens, MintedTokens, TokenError, TokenSource
+from appliance.runtimes import Frame, RuntimeFailure, VideoSpec
+from appliance.status.logs import apply_levels
+from appliance.status.server import HealthServer, StatusServer
+from appliance.status.states import RendererState
+from appliance.status.systemd import Notifier
 
 __all__ = ["Supervisor", "bundled_model", "make_token_source"]
 

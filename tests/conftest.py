@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from appliance import netns
+from appliance.dev import netns
 
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "test-secret-0123456789abcdef0123456789"

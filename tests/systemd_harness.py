@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance import netns
+from appliance.dev import netns
 
 __all__ = [
     "REPO",

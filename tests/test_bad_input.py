@@ -9,7 +9,7 @@ import asyncio
 import socket
 from pathlib import Path
 
-from appliance.bench import KioskProcess, write_kiosk_config
+from appliance.dev.bench import KioskProcess, write_kiosk_config
 
 
 def _free_port(host: str) -> int:

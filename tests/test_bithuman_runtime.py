@@ -29,8 +29,7 @@ import pytest
 
 bithuman = pytest.importorskip("bithuman")
 
-from appliance.bithuman_runtime import BithumanRuntime, convert_frame, map_sdk_error  # noqa: E402
-from appliance.runtime import (  # noqa: E402
+from appliance.runtimes import (  # noqa: E402
     CredentialMissing,
     CredentialRefused,
     ModelInvalid,
@@ -39,6 +38,7 @@ from appliance.runtime import (  # noqa: E402
     VideoSpec,
     create_runtime,
 )
+from appliance.runtimes.bithuman import BithumanRuntime, convert_frame, map_sdk_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-not-a-real-secret"
@@ -118,8 +118,8 @@ if port is not None:
     for k in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         os.environ[k] = f"http://127.0.0.1:{port}"
 
-from appliance.bithuman_runtime import BithumanRuntime
-from appliance.runtime import RuntimeFailure
+from appliance.runtimes.bithuman import BithumanRuntime
+from appliance.runtimes import RuntimeFailure
 
 async def main():
     rt = BithumanRuntime(api_secret=cfg.get("secret"), precheck=cfg.get("precheck", True))

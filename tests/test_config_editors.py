@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import bootconfig
 from appliance.config import ConfigError, load_config
+from appliance.config import boot as bootconfig
 from appliance.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]

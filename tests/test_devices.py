@@ -38,7 +38,7 @@ import pytest
 
 from appliance.config import AudioSection, GpioSection
 from appliance.devices import Devices, LedState
-from appliance.gpio_devices import Gpio
+from appliance.devices.gpio import Gpio
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ import numpy as np
 import psutil
 import pytest
 
-from appliance.bench import KioskProcess, write_kiosk_config
-from appliance.bench_bargein import interrupt_once
-from appliance.demo import AgentVoice, Viewer, make_token, read_wav
-from appliance.reference_runtime import mouth_box_for, mouth_open_fraction
+from appliance.dev.bench import KioskProcess, write_kiosk_config
+from appliance.dev.bench_bargein import interrupt_once
+from appliance.dev.demo import AgentVoice, Viewer, make_token, read_wav
+from appliance.runtimes.reference import mouth_box_for, mouth_open_fraction
 from appliance.supervisor import bundled_model
 
 KIOSK = "kiosk-e2e"

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from appliance.problems import Problems
 from appliance.retry import Backoff
+from appliance.status.problems import Problems
 from appliance.tasks import TaskOwner, stop_tasks
 
 
@@ -77,7 +77,7 @@ def test_problems_are_owned_deduplicated_and_dismissed_by_their_owner(
     changes: list[int] = []
     problems = Problems(on_change=lambda: changes.append(1))
     room, renderer = problems.owner("room"), problems.owner("renderer")
-    caplog.set_level(logging.INFO, logger="appliance.problems")
+    caplog.set_level(logging.INFO, logger="appliance.status.problems")
     for _ in range(3):  # a retry loop reporting the same thing: one record, one log line
         room.report("the server refused the token", subject="ws://x", setting="[livekit] api_key",
                     fix="check that the key and secret match the server's")

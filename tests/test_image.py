@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "image-build"))
 
 import qemu_boot  # noqa: E402
 
-from appliance import netns  # noqa: E402
+from appliance.dev import netns  # noqa: E402
 
 BUILD_TIMEOUT_S = 1800
 BOOT_TIMEOUT_S = 900

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance import __version__
-from appliance.manifest import (
+from appliance.models.manifest import (
     IncompatibleModel,
     ManifestError,
     SignatureError,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from appliance.media import FrameFanout
-from appliance.runtime import Frame
+from appliance.runtimes import Frame
 
 
 class Source:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.bench import KioskProcess, write_kiosk_config
-from appliance.demo import Viewer, make_token
-from appliance.manifest import generate_keypair, load_private_key, publish
+from appliance.dev.bench import KioskProcess, write_kiosk_config
+from appliance.dev.demo import Viewer, make_token
+from appliance.models.manifest import generate_keypair, load_private_key, publish
 
 KIOSK, ROOM = "kiosk-models", "lobby"
 AVATAR_A = Path(str(resources.files("appliance") / "data" / "reference-avatar.json"))

@@ -8,9 +8,9 @@ from importlib import resources
 from pathlib import Path
 
 from appliance.config import parse_layers
-from appliance.manifest import generate_keypair, load_private_key, publish
-from appliance.model_updates import ModelUpdates
-from appliance.models import ModelEntry
+from appliance.models.manifest import generate_keypair, load_private_key, publish
+from appliance.models.rollout import ModelUpdates
+from appliance.models.store import ModelEntry
 
 AVATAR = Path(str(resources.files("appliance") / "data" / "reference-avatar.json"))
 
@@ -36,7 +36,7 @@ warmup_timeout_s = 5.0
 
 
 async def test_waits_until_the_avatar_stops_speaking(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("appliance.model_updates.SOAK_S", 0.5)
+    monkeypatch.setattr("appliance.models.rollout.SOAK_S", 0.5)
     idle, swaps = [False], []
     updates = make(tmp_path, healthy=[True], idle=idle, swaps=swaps)
     task = asyncio.create_task(updates.check_and_apply())
@@ -60,7 +60,7 @@ async def test_a_model_that_does_not_warm_is_marked_bad_and_not_retried(tmp_path
 
 
 async def test_unhealthy_during_soak_goes_back(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("appliance.model_updates.SOAK_S", 1.0)
+    monkeypatch.setattr("appliance.models.rollout.SOAK_S", 1.0)
     healthy, swaps = [True], []
     updates = make(tmp_path, healthy=healthy, idle=[True], swaps=swaps)
     start = time.monotonic()

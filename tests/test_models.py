@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.manifest import (
+from appliance.models.manifest import (
     DiskFull,
     DownloadError,
     IncompatibleModel,
@@ -40,7 +40,7 @@ from appliance.manifest import (
     publish,
     sha256_file,
 )
-from appliance.models import (
+from appliance.models.store import (
     FsOps,
     ModelStore,
     Outcome,
@@ -53,7 +53,7 @@ from appliance.models import (
     in_window,
     parse_window,
 )
-from appliance.reference_runtime import bundled_model_path, load_model
+from appliance.runtimes.reference import bundled_model_path, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -271,8 +271,8 @@ async def test_older_and_incompatible_manifests_are_ignored(server: UpdateServer
 
 CHILD = """
 import asyncio, sys
-from appliance.manifest import parse_public_key
-from appliance.models import ModelStore, Updater, UpdaterSettings
+from appliance.models.manifest import parse_public_key
+from appliance.models.store import ModelStore, Updater, UpdaterSettings
 store, url, key = sys.argv[1:4]
 up = Updater(ModelStore(store), url, [parse_public_key(key)],
              settings=UpdaterSettings(chunk_kib=16, min_free_mb=0))
@@ -398,7 +398,7 @@ async def test_manifest_claiming_more_bytes_than_exist(server: UpdateServer, tmp
     doc = json.loads(manifest.read_text())
     doc["size"] += 1000  # the publisher lies (and signs the lie)
     doc.pop("signature")
-    from appliance.manifest import manifest_bytes, sign_manifest
+    from appliance.models.manifest import manifest_bytes, sign_manifest
 
     manifest.write_bytes(manifest_bytes(sign_manifest(doc, KEY)))
     with pytest.raises(SizeMismatch, match="signed size"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import netns
+from appliance.dev import netns
 
 NEED_NETWORK = Path(__file__).resolve().parents[1] / "image-build" / "need-network"
 

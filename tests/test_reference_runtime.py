@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.reference_runtime import (
+from appliance.runtimes import Frame, ModelInvalid, ModelMissing, create_runtime
+from appliance.runtimes.reference import (
     MODEL_FORMAT,
     ReferenceRuntime,
     StreamResampler,
@@ -24,7 +25,6 @@ from appliance.reference_runtime import (
     mouth_open_fraction,
     resample_linear,
 )
-from appliance.runtime import Frame, ModelInvalid, ModelMissing, create_runtime
 
 DATA = Path(__file__).parent / "data"
 SPF = 640

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from appliance.reload import ConfigWatcher, diff_configs
+from appliance.config.watch import ConfigWatcher, diff_configs
 from appliance.supervisor import Supervisor
 
 DEBOUNCE_S = 0.3

@@ -17,13 +17,6 @@ import numpy as np
 import psutil
 import pytest
 
-from appliance.reference_runtime import (
-    ReferenceRuntime,
-    bundled_model_path,
-    load_model,
-    mouth_box,
-    mouth_open_fraction,
-)
 from appliance.renderer import (
     MAX_BACKLOG,
     SHM_PREFIX,
@@ -32,7 +25,7 @@ from appliance.renderer import (
     RendererSpec,
     State,
 )
-from appliance.renderer_child import (
+from appliance.renderer.child import (
     FrameReady,
     PushAudio,
     Ring,
@@ -43,13 +36,20 @@ from appliance.renderer_child import (
     sweep_stale_segments,
     unlink_shm,
 )
-from appliance.runtime import (
+from appliance.runtimes import (
     AUDIO_SAMPLE_RATE,
     Frame,
     ModelMissing,
     Runtime,
     RuntimeFailure,
     VideoSpec,
+)
+from appliance.runtimes.reference import (
+    ReferenceRuntime,
+    bundled_model_path,
+    load_model,
+    mouth_box,
+    mouth_open_fraction,
 )
 
 REPO = Path(__file__).resolve().parent.parent

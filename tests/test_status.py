@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from appliance.status import HealthServer, StatusServer, format_status, prometheus_text
+from appliance.status.server import HealthServer, StatusServer, format_status, prometheus_text
 
 
 def snapshot(room_state: str = "waiting", fps: float = 25.0) -> dict[str, Any]:

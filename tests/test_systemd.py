@@ -11,7 +11,7 @@ watchdog depend on the renderer, not on the room).
 The tests below share one booted container and run in file order; each says what state it
 expects and leaves. They need root (CI runs as root); elsewhere they are skipped, saying why.
 In CI (``CI`` set) a missing tool or a container that cannot boot is a failure, not a skip.
-The pure-Python tests of ``appliance.bootconfig`` and the offline security score run anywhere.
+The pure-Python tests of ``appliance.config.boot`` and the offline security score run anywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import bootconfig
+from appliance.config import boot as bootconfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from systemd_harness import (  # noqa: E402  (tests/ is not a package)

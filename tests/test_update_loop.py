@@ -23,10 +23,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.config import load_config, parse_layers
-from appliance.manifest import TrustedKey, key_id_of, publish
-from appliance.model_updates import ModelUpdates
-from appliance.models import FsOps, ModelEntry, UpdaterSettings, UpdateState
-from appliance.status import format_status
+from appliance.models.manifest import TrustedKey, key_id_of, publish
+from appliance.models.rollout import ModelUpdates
+from appliance.models.store import FsOps, ModelEntry, UpdaterSettings, UpdateState
+from appliance.status.server import format_status
 from appliance.supervisor import Supervisor
 
 AVATAR = Path(str(resources.files("appliance") / "data" / "reference-avatar.json"))
@@ -133,8 +133,8 @@ warmup_timeout_s = 5.0
 
 @pytest.fixture(autouse=True)
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("appliance.model_updates.SOAK_S", 0.2)
-    monkeypatch.setattr("appliance.model_updates.RETRY_S", 0.05)
+    monkeypatch.setattr("appliance.models.rollout.SOAK_S", 0.2)
+    monkeypatch.setattr("appliance.models.rollout.RETRY_S", 0.05)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ live (it may be unmounted or yanked): a copy that validated is kept as
   (the daemon runs without that secret and says why); problems in the /etc layers are the
   daemon's to report, not a reason to refuse the boot file either.
 
-    python -m appliance.bootconfig [--boot FILE] [--etc FILE] [--dropins DIR] [--dest FILE]
+    python -m appliance.config.boot [--boot FILE] [--etc FILE] [--dropins DIR] [--dest FILE]
 
 Exit codes: 0 imported or already current, 1 could not read or write, 3 invalid (not imported).
 """
@@ -126,7 +126,7 @@ def import_boot_config(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m appliance.bootconfig",
+        prog="python -m appliance.config.boot",
         description="Import the boot partition's appliance.toml for the daemon (run at boot).",
         epilog="exit codes: 0 imported or already current, 1 read/write failure, 3 invalid (not imported)",
     )

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from appliance.manifest import (
+from appliance.models.manifest import (
     DiskFull,
     DownloadError,
     SizeMismatch,
@@ -34,7 +34,7 @@ from appliance.manifest import (
 
 __all__ = ["UpdaterSettings", "download", "format_bytes"]
 
-log = logging.getLogger("appliance.download")
+log = logging.getLogger("appliance.models.download")
 
 ProgressFn = Callable[[int, int], None]
 

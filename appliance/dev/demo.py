@@ -23,7 +23,7 @@ from livekit.agents.voice.avatar import DataStreamAudioOutput
 
 __all__ = ["AgentVoice", "Viewer", "AudioReceiveStats", "ReceivedFrame", "make_token", "read_wav", "run_demo"]
 
-log = logging.getLogger("appliance.demo")
+log = logging.getLogger("appliance.dev.demo")
 
 
 def make_token(api_key: str, api_secret: str, room: str, identity: str, *, agent: bool = False) -> str:
@@ -240,7 +240,7 @@ class Viewer:
 
 
 async def demo(out: Path, seconds: float, text: str) -> None:
-    from appliance.dev import DEV_API_KEY, dev_secret, dev_url
+    from appliance.dev.local import DEV_API_KEY, dev_secret, dev_url
 
     secret = dev_secret().reveal()
     room, kiosk = "lobby", "kiosk"

@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.reference_runtime import resample_linear
-from appliance.runtime import (
+from appliance.runtimes import (
     AUDIO_SAMPLE_RATE,
     CredentialMissing,
     CredentialRefused,
@@ -46,6 +45,7 @@ from appliance.runtime import (
     ServiceUnreachable,
     VideoSpec,
 )
+from appliance.runtimes.reference import resample_linear
 
 __all__ = ["BithumanRuntime", "map_sdk_error", "convert_frame", "SECRET_ENV"]
 

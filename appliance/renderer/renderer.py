@@ -31,7 +31,7 @@ promoted only if it answered within ``SPARE_ALIVE_S``, and a promoted child
 that does not acknowledge ``Init`` within ``HANDSHAKE_TIMEOUT_S`` is killed and
 replaced by a fresh one (no backoff: the spare failed, not the model).
 
-Children are spawned (``python -P -m appliance.renderer_child``), never
+Children are spawned (``python -P -m appliance.renderer.child``), never
 forked, from the event loop's thread; they die with that thread
 (PR_SET_PDEATHSIG), so run the loop in a thread that lives as long as the
 renderer (the main thread).
@@ -54,8 +54,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from itertools import count
 
-from appliance import runtime as _runtime_module
-from appliance.renderer_child import (
+from appliance import runtimes as _runtime_module
+from appliance.renderer.child import (
     SHM_PREFIX,
     Failure,
     FrameReady,
@@ -77,9 +77,9 @@ from appliance.renderer_child import (
     sweep_stale_segments,
     unlink_shm,
 )
-from appliance.renderer_child import Flush as _FlushMsg
-from appliance.runtime import Frame, RuntimeFailure, VideoSpec
-from appliance.states import RendererState, StateCell
+from appliance.renderer.child import Flush as _FlushMsg
+from appliance.runtimes import Frame, RuntimeFailure, VideoSpec
+from appliance.status.states import RendererState, StateCell
 
 __all__ = [
     "Renderer",
@@ -509,7 +509,7 @@ class Renderer:
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
         shm_name = f"{SHM_PREFIX}{safe_name}-{os.getpid()}-{next(_spawn_ids)}"
         argv = [
-            sys.executable, "-P", "-m", "appliance.renderer_child",
+            sys.executable, "-P", "-m", "appliance.renderer.child",
             "--fd", str(child_sock.fileno()), "--name", self.name,
             "--parent-pid", str(os.getpid()), "--preload", preload,
         ]  # fmt: skip

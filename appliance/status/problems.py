@@ -30,7 +30,7 @@ from appliance.errors import OperatorError
 
 __all__ = ["Problem", "Problems", "ProblemOwner"]
 
-log = logging.getLogger("appliance.problems")
+log = logging.getLogger("appliance.status.problems")
 
 KINDS = ("config", "boot-config", "renderer", "room", "devices", "updates")
 

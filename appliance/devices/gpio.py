@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from .config import GpioSection
+from appliance.config import GpioSection
 
 __all__ = ["Gpio", "LedState"]
 

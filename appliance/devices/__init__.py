@@ -22,9 +22,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .audio_devices import AudioDeviceError, AudioHost, Microphone, Speaker
-from .config import AudioSection, GpioSection
-from .gpio_devices import Gpio, LedState
+from appliance.config import AudioSection, GpioSection
+from appliance.devices.audio import AudioDeviceError, AudioHost, Microphone, Speaker
+from appliance.devices.gpio import Gpio, LedState
 
 __all__ = ["Devices", "LedState"]
 

@@ -41,8 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from appliance.errors import OperatorError
-
-from .runtime import AUDIO_SAMPLE_RATE
+from appliance.runtimes import AUDIO_SAMPLE_RATE
 
 if TYPE_CHECKING:
     from livekit import rtc

@@ -32,12 +32,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from appliance.config import Config
-from appliance.manifest import UpdateError, parse_public_key, store_failure
-from appliance.models import ModelEntry, ModelStore, Outcome, Updater, UpdaterSettings, in_window
+from appliance.models.manifest import UpdateError, parse_public_key, store_failure
+from appliance.models.store import (
+    ModelEntry,
+    ModelStore,
+    Outcome,
+    Updater,
+    UpdaterSettings,
+    in_window,
+)
 
 __all__ = ["ModelUpdates", "RETRY_S", "SOAK_S"]
 
-log = logging.getLogger("appliance.model_updates")
+log = logging.getLogger("appliance.models.rollout")
 
 SOAK_S = 5.0  # a swapped-in model must stay healthy this long before it is confirmed good
 RETRY_S = 30.0  # after a failed round; doubles each time, at most [models] check_interval_s

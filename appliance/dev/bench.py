@@ -1,4 +1,4 @@
-"""Benchmark: ``python -m appliance.bench`` (``make bench``) prints numbers, asserts nothing.
+"""Benchmark: ``python -m appliance.dev.bench`` (``make bench``) prints numbers, asserts nothing.
 
 It runs the real thing, end to end: the dev server, the kiosk daemon as its
 own process (supervisor + renderer child), and a subscriber that measures
@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from appliance.bench_bargein import measure, summary
-from appliance.demo import AgentVoice, Viewer, make_token
-from appliance.status import query_status
+from appliance.dev.bench_bargein import measure, summary
+from appliance.dev.demo import AgentVoice, Viewer, make_token
+from appliance.status.server import query_status
 
 __all__ = ["KioskProcess", "write_kiosk_config", "main"]
 
@@ -223,7 +223,7 @@ async def _barge_in(who: str, voice: AgentVoice, viewer: Viewer, interrupts: int
 async def _baseline(url: str, api_key: str, api_secret: str, interrupts: int) -> dict[str, float]:
     """The same measurement for a worker built on the stock AvatarRunner (see bench_bargein)."""
     token = make_token(api_key, api_secret, "lobby", "baseline")
-    worker = subprocess.Popen([sys.executable, "-m", "appliance.bench_bargein", "--url", url],
+    worker = subprocess.Popen([sys.executable, "-m", "appliance.dev.bench_bargein", "--url", url],
                               env={**os.environ, "LIVEKIT_TOKEN": token})
     try:
         viewer = Viewer("baseline", keep_images=False)
@@ -286,7 +286,7 @@ async def _wait_listening(host: str, port: int, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m appliance.dev.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="measuring window (default 60)")
     parser.add_argument("--interrupts", type=int, default=12,
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the stock-AvatarRunner stand-in")
     args = parser.parse_args(argv)
 
-    from appliance import netns
+    from appliance.dev import netns
 
     ok, why = netns.available()
     if not ok:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import config_text
+from appliance.config import text as config_text
 
 __all__ = [
     "Config",

@@ -27,7 +27,7 @@ from appliance.config import SECTIONS, Config
 
 __all__ = ["ConfigWatcher", "diff_configs", "IGNORED_PATTERNS"]
 
-log = logging.getLogger("appliance.reload")
+log = logging.getLogger("appliance.config.watch")
 
 # editor droppings and backups that never hold config
 IGNORED_PATTERNS = ("*.swp", "*.swx", "*.swo", "*~", ".#*", "#*#", "4913", "*.tmp", "*.bak", "*.dpkg-*")

@@ -1,6 +1,6 @@
 """The renderer child process: runs one avatar runtime, hands frames to the parent.
 
-Started by ``renderer.py`` as ``python -P -m appliance.renderer_child --fd N``
+Started by ``renderer.py`` as ``python -P -m appliance.renderer.child --fd N``
 (never forked: the parent runs native LiveKit threads). This module also
 defines what both sides speak, so the parent imports it (it imports no native
 avatar code at module level):
@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from appliance.runtime import Frame, Runtime, RuntimeFailure, create_runtime
+from appliance.runtimes import Frame, Runtime, RuntimeFailure, create_runtime
 
 __all__ = [
     "Message",
@@ -85,7 +85,7 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger("appliance.renderer_child")
+log = logging.getLogger("appliance.renderer.child")
 
 # ---------------------------------------------------------------------------- messages
 
@@ -538,7 +538,7 @@ async def _amain(fd: int, preload: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="appliance.renderer_child")
+    p = argparse.ArgumentParser(prog="appliance.renderer.child")
     p.add_argument("--fd", type=int, required=True, help="control socket inherited from the parent")
     p.add_argument("--name", default="renderer")
     p.add_argument("--parent-pid", type=int, default=0)

@@ -51,8 +51,8 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from appliance.download import ProgressFn, UpdaterSettings, download, format_bytes
-from appliance.manifest import (
+from appliance.models.download import ProgressFn, UpdaterSettings, download, format_bytes
+from appliance.models.manifest import (
     MAX_MANIFEST_BYTES,
     RUNTIME_EXTENSIONS,
     DiskFull,
@@ -69,7 +69,7 @@ from appliance.manifest import (
     store_failure,
     version_key,
 )
-from appliance.states import StateCell
+from appliance.status.states import StateCell
 
 __all__ = [
     "STATE_DIR",
@@ -89,7 +89,7 @@ __all__ = [
     "parse_window",
 ]
 
-log = logging.getLogger("appliance.models")
+log = logging.getLogger("appliance.models.store")
 
 STATE_DIR = "/var/lib/appliance/models"
 

@@ -12,8 +12,8 @@ least ``HOLD_S``. ``clear_to_silence_ms`` is the time from the agent calling
 synthetic voiced signal that is loud in every chunk, so a pause in the
 speech cannot pass for the end of it.
 
-Used by ``appliance.bench`` (the kiosk, and a stock ``AvatarRunner`` stand-in
-started with ``LIVEKIT_TOKEN=T python -m appliance.bench_bargein --url U``) and by
+Used by ``appliance.dev.bench`` (the kiosk, and a stock ``AvatarRunner`` stand-in
+started with ``LIVEKIT_TOKEN=T python -m appliance.dev.bench_bargein --url U``) and by
 the end-to-end test of barge-in.
 """
 
@@ -40,9 +40,9 @@ from livekit.agents.voice.avatar import (
     VideoGenerator,
 )
 
-from appliance.demo import AgentVoice, Viewer
-from appliance.reference_runtime import ReferenceRuntime, bundled_model_path
-from appliance.runtime import AUDIO_SAMPLE_RATE
+from appliance.dev.demo import AgentVoice, Viewer
+from appliance.runtimes import AUDIO_SAMPLE_RATE
+from appliance.runtimes.reference import ReferenceRuntime, bundled_model_path
 
 __all__ = [
     "SILENCE_RMS",
@@ -217,7 +217,7 @@ async def run_baseline(url: str, token: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.bench_bargein",
+    parser = argparse.ArgumentParser(prog="python -m appliance.dev.bench_bargein",
                                      description="the stock-AvatarRunner stand-in of the benchmark")
     parser.add_argument("--url", required=True)
     args = parser.parse_args(argv)

@@ -152,11 +152,11 @@ def create_runtime(
     only the renderer child does.
     """
     if name == "reference":
-        from appliance.reference_runtime import ReferenceRuntime
+        from appliance.runtimes.reference import ReferenceRuntime
 
         return ReferenceRuntime(width=width, height=height)
     if name == "bithuman":
-        from appliance.bithuman_runtime import BithumanRuntime
+        from appliance.runtimes.bithuman import BithumanRuntime
 
         return BithumanRuntime(api_secret=api_secret)
     raise RuntimeFailure(

@@ -32,8 +32,8 @@ import numpy as np
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, DataStreamAudioReceiver
 
-from appliance.runtime import AUDIO_SAMPLE_RATE, Frame, VideoSpec
-from appliance.tokens import TokenError, TokenSource
+from appliance.auth import TokenError, TokenSource
+from appliance.runtimes import AUDIO_SAMPLE_RATE, Frame, VideoSpec
 
 __all__ = ["RoomState", "RoomOptions", "KioskRoom", "SpeechSink"]
 

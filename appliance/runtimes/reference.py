@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.runtime import (
+from appliance.runtimes import (
     AUDIO_SAMPLE_RATE,
     Frame,
     ModelInvalid,

@@ -1,0 +1,1 @@
+"""Model updates: signed manifests, resumable downloads, the store, going live."""

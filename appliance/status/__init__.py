@@ -1,0 +1,1 @@
+"""What the operator sees: status, problems, states, systemd notify, logs."""
