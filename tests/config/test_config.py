@@ -17,7 +17,7 @@ from appliance.config import (
     render_default_toml,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(path: Path, text: str, mode: int = 0o644) -> Path:
@@ -146,7 +146,7 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
 
 # -- the corpus of broken configs: every one is refused with file, line or key, and a fix --
 
-BROKEN = sorted((ROOT / "tests" / "configs" / "broken").glob("*.toml"))
+BROKEN = sorted((ROOT / "tests" / "config" / "configs" / "broken").glob("*.toml"))
 EXPECTED = {
     "bad-choice.toml": ":2: [avatar] runtime: got 'bithumann' — did you mean 'bithuman'?",
     "bad-ladder.toml": ":2: [fallback] gpu_api_url: the ladder has gpu but no gpu_api_url",

@@ -40,7 +40,7 @@ from appliance.config import AudioSection, GpioSection
 from appliance.devices import Devices, LedState
 from appliance.devices.gpio import Gpio
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ASOUNDRC = """\
 # PortAudio 19.6 asserts when no 'default' (or 'dmix') PCM is defined

@@ -52,7 +52,7 @@ from appliance.runtimes.reference import (
     mouth_open_fraction,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 W, H = 160, 120
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from appliance.dev import netns
 
-NEED_NETWORK = Path(__file__).resolve().parents[1] / "image-build" / "need-network"
+NEED_NETWORK = Path(__file__).resolve().parents[2] / "image-build" / "need-network"
 
 
 def test_run_outside_reaches_the_namespace_pytest_came_from(media_host: str) -> None:

@@ -55,7 +55,7 @@ from appliance.models.store import (
 )
 from appliance.runtimes.reference import bundled_model_path, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 TRUSTED = TrustedKey(key_id_of(KEY.public_key()), KEY.public_key())
 FAST = UpdaterSettings(connect_timeout_s=2, read_timeout_s=1, retries=2, backoff_s=0.01,

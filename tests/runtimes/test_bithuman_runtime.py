@@ -40,7 +40,7 @@ from appliance.runtimes import (  # noqa: E402
 )
 from appliance.runtimes.bithuman import BithumanRuntime, convert_frame, map_sdk_error  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "sk-test-not-a-real-secret"
 
 # A CONNECT proxy for loopback that terminates TLS itself and answers every request with

@@ -5,7 +5,7 @@ TextEdit turns typed quotes into curly ones. The /etc layers, appliance.d drop-i
 boot-partition import, `appliance check` and a live reload all decode through
 ``config.decode_toml``: a BOM and CRLF are read as written, the rest is one line with the
 file, the line, the character and the fix, and the kiosk keeps its last good config.
-(The refusal messages themselves are the corpus in tests/configs/broken/, see test_config.)
+(The refusal messages themselves are the corpus in tests/config/configs/broken/, see test_config.)
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from appliance.config import ConfigError, load_config
 from appliance.config import boot as bootconfig
 from appliance.supervisor import Supervisor
 
-ROOT = Path(__file__).resolve().parents[1]
-BROKEN = ROOT / "tests" / "configs" / "broken"
+ROOT = Path(__file__).resolve().parents[2]
+BROKEN = ROOT / "tests" / "config" / "configs" / "broken"
 BOM = b"\xef\xbb\xbf"
 LATIN1 = b'[livekit]\nroom = "caf\xe9"\n'
 CURLY = '[livekit]\nroom = “lobby”\nidentity = “kiosk”\n[avatar]\nmodel = ‘/tmp/x.json’\n'.encode()
