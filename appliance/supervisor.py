@@ -31,7 +31,7 @@ from appliance.devices.gpio import LedState
 from appliance.models.manifest import UpdateError
 from appliance.models.rollout import ModelUpdates
 from appliance.models.store import ModelEntry
-from appliance.renderer import Renderer, RendererSpec
+from appliance.renderer import Renderer, RendererOptions, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
 from appliance.runtimes import Frame, RuntimeFailure, VideoSpec
 from appliance.status.logs import apply_levels
@@ -222,7 +222,7 @@ class Supervisor:
     async def _start_renderer(self, spec: RendererSpec, config: Config) -> Renderer:
         renderer = Renderer(
             spec,
-            stall_timeout_s=config.avatar.stall_timeout_s,
+            RendererOptions(stall_timeout_s=config.avatar.stall_timeout_s),
             name="#1",
             on_state=lambda old, new, reason: self._status_changed(),
         )
@@ -384,7 +384,8 @@ class Supervisor:
             await self._stop_updates()
             self._start_updates(new)
         if "avatar.stall_timeout_s" in changed and self.renderer is not None:
-            self.renderer.stall_timeout_s = new.avatar.stall_timeout_s
+            self.renderer.options = dataclasses.replace(self.renderer.options,
+                                                        stall_timeout_s=new.avatar.stall_timeout_s)
         wanted = renderer_spec(new, self.updates.current() if self.updates else None)
         if wanted != self.spec:
             reason = await self._warm_and_switch(wanted, new.models.warmup_timeout_s)
@@ -405,7 +406,8 @@ class Supervisor:
         log.info("warming %s model %s beside the current one", spec.runtime, spec.model,
                  extra={"model": spec.model, "backend": spec.runtime})
         self._generation += 1
-        fresh = Renderer(spec, stall_timeout_s=self.config.avatar.stall_timeout_s, name=f"#{self._generation}",
+        fresh = Renderer(spec, RendererOptions(stall_timeout_s=self.config.avatar.stall_timeout_s),
+                         name=f"#{self._generation}",
                          on_state=lambda old, new, reason: self._status_changed())
         if self.renderer is not None:
             fresh.adopt_spare(self.renderer)

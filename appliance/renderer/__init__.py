@@ -9,10 +9,11 @@ from appliance.renderer.renderer import (
     SHM_PREFIX,
     Renderer,
     RendererCrashed,
+    RendererOptions,
     RendererSpec,
     State,
     sweep_stale_segments,
 )
 
-__all__ = ["MAX_BACKLOG", "SHM_PREFIX", "Renderer", "RendererCrashed", "RendererSpec", "State",
+__all__ = ["MAX_BACKLOG", "SHM_PREFIX", "Renderer", "RendererOptions", "RendererCrashed", "RendererSpec", "State",
            "sweep_stale_segments"]

@@ -6,7 +6,7 @@ avatar code can crash or hang; it does so in the child, and the supervisor
 frames come back by themselves. Two renderers can exist at once, so a new
 model can warm up beside the old one before a switch.
 
-The child speaks the protocol defined in ``renderer_child.py``: handshake
+The child speaks the protocol defined in ``protocol.py`` (the ring: ``ring.py``; the child: ``child.py``): handshake
 (``Hello``, ``Init`` → ``Opening`` → ``Ready``), then ``FrameReady(slot, seq)``
 per frame, the frame itself sitting in a shared-memory ring that the parent
 copies out.
@@ -45,7 +45,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -55,34 +54,17 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from appliance import runtimes as _runtime_module
-from appliance.renderer.child import (
-    SHM_PREFIX,
-    Failure,
-    FrameReady,
-    Hello,
-    Init,
-    Interrupt,
-    Message,
-    Opening,
-    Ping,
-    Pong,
-    PushAudio,
-    Ready,
-    Ring,
-    RingLayout,
-    Shutdown,
-    encode,
-    open_shm,
-    read_message,
-    sweep_stale_segments,
-    unlink_shm,
-)
-from appliance.renderer.child import Flush as _FlushMsg
+from appliance.renderer.process import ChildProcess, exit_reason
+from appliance.renderer.protocol import Failure, Init, Interrupt, Message, Ping, PushAudio
+from appliance.renderer.protocol import Flush as _FlushMsg
+from appliance.renderer.ring import SHM_PREFIX, Ring, sweep_stale_segments
+from appliance.retry import Backoff
 from appliance.runtimes import Frame, RuntimeFailure, VideoSpec
 from appliance.status.states import RendererState, StateCell
 
 __all__ = [
     "Renderer",
+    "RendererOptions",
     "RendererSpec",
     "RendererCrashed",
     "State",
@@ -116,19 +98,23 @@ class RendererSpec:
     api_secret: str | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class RendererOptions:
+    """How a renderer is supervised (``[avatar] stall_timeout_s`` is the operator's)."""
+
+    stall_timeout_s: float = 2.0  # no frame for this long: the child is stalled
+    spare: bool = True  # keep an idle child ready to take over
+    warmup_timeout_s: float = 120.0  # Init to first frame (a bitHuman model loads in ~20 s)
+    backoff_max_s: float = 30.0
+    healthy_after_s: float = 30.0  # running this long resets the backoff
+    failed_retry_s: float = 60.0  # a model that cannot open is retried this often
+    start_attempts: int = 3  # crashes before a first frame until start() raises
+    shutdown_grace_s: float = 1.0  # asked to stop, then stacks dumped and SIGKILL
+    slots: int = 8  # frames in the shared-memory ring
+
+
 class RendererCrashed(RuntimeFailure):
     """The child kept crashing before it rendered a first frame."""
-
-
-def _exit_reason(returncode: int | None) -> str:
-    if returncode is None:
-        return "child closed its control channel"
-    if returncode < 0:
-        try:
-            return f"child killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"child killed by signal {-returncode}"
-    return f"child exited with code {returncode}"
 
 
 def _failure_exception(f: Failure) -> RuntimeFailure:
@@ -136,183 +122,6 @@ def _failure_exception(f: Failure) -> RuntimeFailure:
     if not (isinstance(cls, type) and issubclass(cls, RuntimeFailure)):
         cls = RuntimeFailure
     return cls(f.message, setting=f.setting, fix=f.fix)
-
-
-class _Child:
-    """One child process and its control channel, parent side."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, shm_name: str) -> None:
-        self.proc, self.pid, self.shm_name = proc, proc.pid, shm_name
-        self.spawned_at = time.monotonic()
-        self.hello_at: float | None = None
-        self.opening_at: float | None = None
-        self.last_ping = 0.0
-        self.promoted = False  # was an idle spare before it was given the job
-        self.ready: Ready | None = None
-        self.ring: Ring | None = None
-        self.failure: Failure | None = None
-        self.frames = 0
-        self.last_frame = 0.0
-        self.last_seq = 0
-        # barge-in: interrupts the child has not echoed yet, and the last frame rendered
-        # before the latest echo (speech in frames up to it was cancelled)
-        self.interrupts_unacked = 0
-        self.cancelled_upto = 0
-        self.first_frame_at: float | None = None
-        self.last_pong = 0.0
-        self.running_since: float | None = None
-        self.eof = False
-        self.exited = asyncio.Event()
-        self.wakeup = asyncio.Event()
-        self.on_frame: Callable[[_Child, int, int], None] | None = None
-        self._sock = sock
-        self._writer: asyncio.StreamWriter | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._pidfd = -1
-
-    async def connect(self) -> None:
-        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
-        self._tasks.append(
-            asyncio.create_task(self._read_loop(reader), name=f"renderer-read-{self.pid}")
-        )
-        loop = asyncio.get_running_loop()
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-            loop.add_reader(self._pidfd, self._check_exit)
-        except (OSError, AttributeError):  # no pidfd (old kernel): poll
-            self._tasks.append(
-                asyncio.create_task(self._poll_exit(), name=f"renderer-poll-{self.pid}")
-            )
-
-    @property
-    def alive(self) -> bool:
-        return not self.exited.is_set()
-
-    def silent_for(self, now: float) -> float:
-        """Seconds since the child last proved it is alive (Hello or Pong)."""
-        return now - max(self.last_pong, self.hello_at or self.spawned_at)
-
-    def send(self, msg: Message) -> bool:
-        if self._writer is None or self.eof or self._writer.is_closing():
-            return False
-        self._writer.write(encode(msg))
-        return True
-
-    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-    # arrives as the event fires, and close() then waits for the supervision task forever
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(timeout, 0.0)):
-                await self.wakeup.wait()
-        self.wakeup.clear()
-
-    async def wait_exit(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self.exited.wait()
-        return self.exited.is_set()
-
-    def _check_exit(self) -> None:
-        if self.proc.poll() is None:
-            return
-        if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        self.exited.set()
-        self.wakeup.set()
-
-    async def _poll_exit(self) -> None:
-        while self.alive:
-            self._check_exit()
-            await asyncio.sleep(0.1)
-
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while (msg := await read_message(reader)) is not None:
-                if isinstance(msg, FrameReady):  # the hot path
-                    self.frames += 1
-                    self.last_frame = time.monotonic()
-                    self.last_seq = msg.seq
-                    if self.on_frame is not None:
-                        self.on_frame(self, msg.slot, msg.seq)
-                    if self.frames > 1:
-                        continue
-                    self.first_frame_at = self.last_frame
-                elif isinstance(msg, Pong):
-                    self.last_pong = time.monotonic()
-                    continue
-                elif isinstance(msg, Interrupt):  # the echo: the runtime dropped its speech
-                    self.interrupts_unacked = max(0, self.interrupts_unacked - 1)
-                    if not self.interrupts_unacked:
-                        self.cancelled_upto = self.last_seq
-                    continue
-                elif isinstance(msg, Hello):
-                    self.hello_at = time.monotonic()
-                elif isinstance(msg, Opening):
-                    self.opening_at = time.monotonic()
-                elif isinstance(msg, Ready):
-                    self._attach(msg)
-                elif isinstance(msg, Failure):
-                    self.failure = msg
-                else:
-                    log.warning("child %d sent unexpected %s", self.pid, type(msg).__name__)
-                self.wakeup.set()
-        except Exception:
-            log.exception("child %d: bad message on the control channel", self.pid)
-        finally:
-            self.eof = True
-            self.wakeup.set()
-
-    def speech_cancelled(self, seq: int) -> bool:
-        """Frame ``seq`` was rendered before the runtime applied the latest interrupt."""
-        return self.interrupts_unacked > 0 or seq <= self.cancelled_upto
-
-    def _attach(self, msg: Ready) -> None:
-        if msg.shm_name != self.shm_name:
-            raise ValueError(
-                f"child used shared memory {msg.shm_name!r}, asked for {self.shm_name!r}"
-            )
-        layout = RingLayout(msg.width, msg.height, msg.audio_capacity, msg.slots)
-        self.ring = Ring(open_shm(msg.shm_name), layout)
-        unlink_shm(msg.shm_name)  # both sides hold it now; nothing can leak it from here on
-        self.ready = msg
-
-    async def retire(self, *, grace_s: float, dump: bool) -> None:
-        """Ask, dump stacks, kill; then release everything. Bounded time."""
-        if self.alive and self.send(Shutdown()):
-            await self.wait_exit(grace_s)
-        if self.alive:
-            if dump:
-                log.warning(
-                    "child %d did not stop when asked; dumping its stacks, then SIGKILL", self.pid
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGUSR1)
-                await self.wait_exit(0.2)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            if not await self.wait_exit(5.0):
-                log.error("child %d survived SIGKILL for 5 s", self.pid)
-        self.close()
-
-    def close(self) -> None:
-        self.on_frame = None
-        for task in self._tasks:
-            task.cancel()
-        if self._writer is not None:
-            self._writer.close()
-        else:
-            self._sock.close()
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        unlink_shm(self.shm_name)  # in case the child created it and died before Ready
-        if self._pidfd >= 0:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
 
 
 @dataclass
@@ -330,24 +139,15 @@ class Renderer:
     def __init__(
         self,
         spec: RendererSpec,
+        options: RendererOptions | None = None,
         *,
-        stall_timeout_s: float = 2.0,
         name: str = "main",
         on_state: Callable[[State, State, str], None] | None = None,
-        spare: bool = True,
-        warmup_timeout_s: float = 120.0,
-        backoff_max_s: float = 30.0,
-        healthy_after_s: float = 30.0,
-        failed_retry_s: float = 60.0,
-        start_attempts: int = 3,
-        shutdown_grace_s: float = 1.0,
-        slots: int = 8,
     ) -> None:
         self.spec, self.name = spec, name
-        self.stall_timeout_s, self.warmup_timeout_s = stall_timeout_s, warmup_timeout_s
-        self.backoff_max_s, self.healthy_after_s = backoff_max_s, healthy_after_s
-        self.failed_retry_s, self.start_attempts = failed_retry_s, start_attempts
-        self.shutdown_grace_s, self.slots, self.use_spare = shutdown_grace_s, slots, spare
+        self.options = options or RendererOptions()
+        # 0 s, then 1, 2, 4 ... backoff_max_s; reset after healthy_after_s of running
+        self._backoff = Backoff(first_s=1.0, max_s=self.options.backoff_max_s, immediate=True)
         self.restarts = 0
         self.last_restart_reason = ""
         # last frame of the old child → first frame of the new one
@@ -360,11 +160,11 @@ class Renderer:
         self._state = StateCell(
             State.STOPPED, logger=log, who=f"renderer {name}", on_change=on_state
         )
-        self._current: _Child | None = None
-        self._spare: _Child | None = None
-        self._children: set[_Child] = set()  # every child not yet retired, whatever its role
+        self._current: ChildProcess | None = None
+        self._spare: ChildProcess | None = None
+        self._children: set[ChildProcess] = set()  # every child not yet retired, whatever its role
         self._retiring: set[asyncio.Task[None]] = set()
-        self._pending: collections.deque[tuple[_Child, Ring, int, int]] = collections.deque()
+        self._pending: collections.deque[tuple[ChildProcess, Ring, int, int]] = collections.deque()
         self._frame_event = asyncio.Event()
         self._frame_times: collections.deque[float] = collections.deque()
         self._first_frame_at: float | None = None
@@ -487,7 +287,7 @@ class Renderer:
             return False
         return True
 
-    def _on_frame(self, child: _Child, slot: int, seq: int) -> None:
+    def _on_frame(self, child: ChildProcess, slot: int, seq: int) -> None:
         now = child.last_frame
         self.last_frame_monotonic = now
         self._frame_times.append(now)
@@ -498,13 +298,13 @@ class Renderer:
         if child.ring is None:
             return
         # beyond slots - 2 the child is about to overwrite the oldest slots
-        while len(self._pending) >= min(self.slots - 2, MAX_BACKLOG):
+        while len(self._pending) >= min(self.options.slots - 2, MAX_BACKLOG):
             self._pending.popleft()
             self.dropped_frames += 1
         self._pending.append((child, child.ring, slot, seq))
         self._frame_event.set()
 
-    async def _spawn(self, preload: str = "", nice: int = 0) -> _Child:
+    async def _spawn(self, preload: str = "", nice: int = 0) -> ChildProcess:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
         shm_name = f"{SHM_PREFIX}{safe_name}-{os.getpid()}-{next(_spawn_ids)}"
@@ -525,13 +325,13 @@ class Renderer:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
         self.spawned += 1
-        child = _Child(proc, parent_sock, shm_name)
+        child = ChildProcess(proc, parent_sock, shm_name)
         self._children.add(child)  # from here on close() will reap it, even if we are cancelled
         await child.connect()
         log.debug("renderer %s: spawned child %d", self.name, child.pid)
         return child
 
-    async def _take_child(self) -> _Child:
+    async def _take_child(self) -> ChildProcess:
         spare, self._spare = self._spare, None
         if spare is not None:
             unfit = self._spare_problem(spare, time.monotonic(), SPARE_ALIVE_S)
@@ -548,10 +348,10 @@ class Renderer:
         return await self._spawn()
 
     @staticmethod
-    def _spare_problem(spare: _Child, now: float, within_s: float) -> str | None:
+    def _spare_problem(spare: ChildProcess, now: float, within_s: float) -> str | None:
         """Why ``spare`` cannot be trusted to take over, or None if it is fit."""
         if not spare.alive or spare.eof:
-            return _exit_reason(spare.proc.returncode if not spare.alive else None)
+            return exit_reason(spare.proc.returncode if not spare.alive else None)
         if spare.hello_at is None:  # still importing: as good as a fresh child, and ahead of one
             if now - spare.spawned_at > SPARE_HELLO_TIMEOUT_S:
                 return f"no Hello {now - spare.spawned_at:.0f} s after it was started"
@@ -585,7 +385,7 @@ class Renderer:
             self._children.add(self._spare)
 
     def _ensure_spare(self) -> None:
-        if self.use_spare and self._spare is None and not self._closed:
+        if self.options.spare and self._spare is None and not self._closed:
             task = asyncio.create_task(self._make_spare(), name=f"renderer-{self.name}-spare")
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
@@ -594,26 +394,22 @@ class Renderer:
         child = await self._spawn(preload=self.spec.runtime, nice=SPARE_NICE)
         if self._closed or self._spare is not None:
             self._children.discard(child)
-            await child.retire(grace_s=self.shutdown_grace_s, dump=False)
+            await child.retire(grace_s=self.options.shutdown_grace_s, dump=False)
         else:
             self._spare = child
 
-    def _retire(self, child: _Child, *, dump: bool) -> None:
+    def _retire(self, child: ChildProcess, *, dump: bool) -> None:
         self._children.discard(child)
         if child is self._spare:
             self._spare = None
         if child is self._current:
             self._current = None
             self._pending.clear()  # those slots belong to the ring being closed
-        task = asyncio.create_task(child.retire(grace_s=self.shutdown_grace_s, dump=dump))
+        task = asyncio.create_task(child.retire(grace_s=self.options.shutdown_grace_s, dump=dump))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def _backoff(self, failures: int) -> float:
-        return 0.0 if failures <= 1 else min(self.backoff_max_s, 2.0 ** (failures - 2))
-
     async def _supervise(self) -> None:
-        failures = 0  # in a row
         reason = ""
         try:
             self._set_state(State.STARTING, f"{self.spec.runtime} {self.spec.model}")
@@ -625,22 +421,25 @@ class Renderer:
                 if outcome.handshake and child.promoted:  # a dead spare: replace it at once
                     delay = 0.0
                 elif outcome.failure is not None:  # not a crash: the operator must act
-                    failures, delay = 0, self.failed_retry_s
+                    self._backoff.reset()
+                    delay = self.options.failed_retry_s
                     line = outcome.failure.operator_line()
                     self._set_state(State.FAILED, line, level=logging.ERROR)
                     self._resolve_start(outcome.failure)
                     log.warning("renderer %s: retrying the model in %.0f s", self.name, delay)
                 else:
-                    failures = 1 if outcome.ran_s >= self.healthy_after_s else failures + 1
-                    delay = self._backoff(failures)
-                    if failures >= self.start_attempts and not self._ever_ran:
+                    if outcome.ran_s >= self.options.healthy_after_s:
+                        self._backoff.reset()  # a crash after a healthy run is a first failure
+                    delay = self._backoff.next_delay()
+                    failures = self._backoff.failures
+                    if failures >= self.options.start_attempts and not self._ever_ran:
                         self._resolve_start(RendererCrashed(
                             f"renderer child crashed {failures} times before its first frame: {reason}",
                             setting="[avatar] runtime",
                             fix="see the journal for the child's traceback",
                         ))  # fmt: skip
                     if delay > 0:
-                        long = delay >= self.backoff_max_s
+                        long = self._backoff.at_cap
                         why = f"{reason}; {failures} failures in a row, next try in {delay:.0f} s"
                         why += " (long backoff: still trying, never giving up)" if long else ""
                         self._set_state(
@@ -667,17 +466,17 @@ class Renderer:
         else:
             fut.set_exception(error)
 
-    async def _serve(self, child: _Child, *, restarted: bool) -> _Outcome:
+    async def _serve(self, child: ChildProcess, *, restarted: bool) -> _Outcome:
         """Make ``child`` the current one: handshake, first frame, then watch it until it fails."""
         s = self.spec
         previous_frame = self.last_frame_monotonic
         self._current = child
         child.on_frame = self._on_frame
         child.send(
-            Init(s.runtime, s.model, s.width, s.height, child.shm_name, self.slots, s.api_secret)
+            Init(s.runtime, s.model, s.width, s.height, child.shm_name, self.options.slots, s.api_secret)
         )
         init_sent_at = time.monotonic()
-        deadline = time.monotonic() + self.warmup_timeout_s
+        deadline = time.monotonic() + self.options.warmup_timeout_s
         warming = False
         while not child.frames:
             if self._closed:
@@ -698,7 +497,7 @@ class Renderer:
                     self._set_state(State.STALLED, why, level=logging.WARNING)
                     return _Outcome(why, stalled=True, handshake=True)
             if now > deadline:
-                why = f"no first frame within {self.warmup_timeout_s:.0f} s"
+                why = f"no first frame within {self.options.warmup_timeout_s:.0f} s"
                 self._set_state(State.STALLED, f"child {child.pid}: {why}", level=logging.WARNING)
                 return _Outcome(why, stalled=True)
             await child.wait(min(deadline - now, 0.25))
@@ -715,8 +514,8 @@ class Renderer:
         self._ensure_spare()
         return await self._watch(child)
 
-    async def _watch(self, child: _Child) -> _Outcome:
-        tick = max(0.05, min(0.25, self.stall_timeout_s / 4))
+    async def _watch(self, child: ChildProcess) -> _Outcome:
+        tick = max(0.05, min(0.25, self.options.stall_timeout_s / 4))
         last_ping = 0.0
         while True:
             await child.wait(tick)
@@ -726,7 +525,7 @@ class Renderer:
             if child.failure is not None or child.eof:
                 return await self._ended(child)
             silent = now - child.last_frame
-            if silent > self.stall_timeout_s:
+            if silent > self.options.stall_timeout_s:
                 pong = now - child.last_pong if child.last_pong else silent
                 loop = (
                     "its event loop answers pings"
@@ -744,13 +543,13 @@ class Renderer:
                 last_ping = now
             self._check_spare(now)
 
-    async def _ended(self, child: _Child) -> _Outcome:
+    async def _ended(self, child: ChildProcess) -> _Outcome:
         ran = child.last_frame - child.running_since if child.running_since is not None else 0.0
         f = child.failure
         if f is not None and f.kind != "crash":
             return _Outcome(_failure_exception(f).operator_line(), failure=_failure_exception(f))
         await child.wait_exit(1.0)
-        reason = _exit_reason(child.proc.returncode if not child.alive else None)
+        reason = exit_reason(child.proc.returncode if not child.alive else None)
         if f is not None:
             reason = f"runtime crashed: {f.message} ({reason})"
         log.warning("renderer %s: child %d ended: %s", self.name, child.pid, reason)

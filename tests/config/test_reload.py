@@ -159,7 +159,7 @@ async def test_invalid_edit_changes_nothing_and_says_why(supervisor) -> None:  #
     write(path, f'[avatar]\nstall_timeout_s = 3.5\n[status]\nsocket = "{path.parent}/s.sock"\n')
     assert await sup.reload("test") is True
     assert sup.config_problems == []
-    assert sup.renderer.stall_timeout_s == 3.5
+    assert sup.renderer.options.stall_timeout_s == 3.5
     assert sup.renderer.pid == renderer_pid  # a timeout change needs no new renderer
 
 

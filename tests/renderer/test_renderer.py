@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -22,20 +23,12 @@ from appliance.renderer import (
     SHM_PREFIX,
     Renderer,
     RendererCrashed,
+    RendererOptions,
     RendererSpec,
     State,
 )
-from appliance.renderer.child import (
-    FrameReady,
-    PushAudio,
-    Ring,
-    RingLayout,
-    encode,
-    open_shm,
-    read_message,
-    sweep_stale_segments,
-    unlink_shm,
-)
+from appliance.renderer.protocol import FrameReady, PushAudio, encode, read_message
+from appliance.renderer.ring import Ring, RingLayout, open_shm, sweep_stale_segments, unlink_shm
 from appliance.runtimes import (
     AUDIO_SAMPLE_RATE,
     Frame,
@@ -57,7 +50,7 @@ W, H = 160, 120
 
 
 # --------------------------------------------------------------------------- misbehaving runtimes
-# The child loads these as "tests.test_renderer:<factory>" (PYTHONPATH set by
+# The child loads these as "tests.renderer.test_renderer:<factory>" (PYTHONPATH set by
 # the ``misbehaving`` fixture); everything else renders with the reference runtime.
 
 
@@ -109,7 +102,7 @@ MODEL = bundled_model_path()
 @pytest.fixture
 def misbehaving(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    return lambda factory: f"tests.test_renderer:{factory}"
+    return lambda factory: f"tests.renderer.test_renderer:{factory}"
 
 
 def spec(runtime: str = "reference", model: str = MODEL, **kw: Any) -> RendererSpec:
@@ -236,7 +229,7 @@ async def test_start_gives_frames_of_the_right_size() -> None:
 
 
 async def test_speech_comes_back_and_interrupt_silences() -> None:
-    r = Renderer(spec(), name="t2", spare=False)
+    r = Renderer(spec(), RendererOptions(spare=False), name="t2")
     await r.start()
     box = mouth_box(load_model(MODEL), W, H)
     try:
@@ -273,7 +266,7 @@ async def test_speech_comes_back_and_interrupt_silences() -> None:
 
 
 async def test_a_consumer_that_falls_behind_gets_fresh_frames_not_a_backlog() -> None:
-    r = Renderer(spec(), name="t2b", spare=False)
+    r = Renderer(spec(), RendererOptions(spare=False), name="t2b")
     await r.start()
     try:
         await asyncio.sleep(1.0)  # nobody takes frames (a starved frame pump): 25 arrive
@@ -306,7 +299,7 @@ async def test_killed_child_comes_back_without_spare(caplog: pytest.LogCaptureFi
 
 async def _kill_and_come_back(caplog: pytest.LogCaptureFixture, *, spare: bool) -> None:
     caplog.set_level(logging.INFO, logger="appliance.renderer")
-    r = Renderer(spec(), name=f"t3-{spare}", spare=spare)
+    r = Renderer(spec(), RendererOptions(spare=spare), name=f"t3-{spare}")
     await r.start()
     sink = Sink(r)
     try:
@@ -343,7 +336,7 @@ async def test_stopped_child_is_detected_killed_and_replaced(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="appliance.renderer")
-    r = Renderer(spec(), name="t4", stall_timeout_s=1.0, shutdown_grace_s=0.3)
+    r = Renderer(spec(), RendererOptions(stall_timeout_s=1.0, shutdown_grace_s=0.3), name="t4")
     await r.start()
     sink = Sink(r)
     old = r.pid
@@ -366,7 +359,8 @@ async def test_stopped_child_is_detected_killed_and_replaced(
 
 
 async def test_runtime_that_stops_yielding_is_replaced(misbehaving: Callable[[str], str]) -> None:
-    r = Renderer(spec(misbehaving("stops_yielding")), name="t5", stall_timeout_s=1.0, spare=False)
+    r = Renderer(spec(misbehaving("stops_yielding")), RendererOptions(stall_timeout_s=1.0, spare=False),
+                 name="t5")
     await r.start()
     sink = Sink(r)
     try:
@@ -385,13 +379,8 @@ async def test_hung_child_gets_its_stacks_dumped_then_killed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="appliance.renderer")
-    r = Renderer(
-        spec(misbehaving("hangs_in_native_code")),
-        name="t6",
-        stall_timeout_s=1.0,
-        shutdown_grace_s=0.3,
-        spare=False,
-    )
+    r = Renderer(spec(misbehaving("hangs_in_native_code")),
+                 RendererOptions(stall_timeout_s=1.0, shutdown_grace_s=0.3, spare=False), name="t6")
     await r.start()
     sink = Sink(r)
     try:
@@ -414,9 +403,8 @@ async def test_hung_child_gets_its_stacks_dumped_then_killed(
 
 async def test_repeated_crashes_back_off() -> None:
     seen: list[tuple[State, str]] = []
-    r = Renderer(
-        spec(), name="t7", spare=False, on_state=lambda old, new, why: seen.append((new, why))
-    )
+    r = Renderer(spec(), RendererOptions(spare=False), name="t7",
+                 on_state=lambda old, new, why: seen.append((new, why)))
     await r.start()
     sink = Sink(r)
     try:
@@ -428,21 +416,17 @@ async def test_repeated_crashes_back_off() -> None:
         backoffs = [why for state, why in seen if state is State.BACKOFF]
         assert len(backoffs) == 2, seen  # first restart immediate, then 1 s, then 2 s
         assert "next try in 1 s" in backoffs[0] and "next try in 2 s" in backoffs[1]
-        assert [r._backoff(n) for n in (1, 2, 3, 4, 7, 50)] == [
-            0,
-            1,
-            2,
-            4,
-            30,
-            30,
-        ]  # capped, never gives up
+        policy = dataclasses.replace(r._backoff, failures=0)  # the renderer's own backoff, anew
+        delays = [policy.next_delay() for _ in range(50)]
+        assert [delays[n - 1] for n in (1, 2, 3, 4, 7, 50)] == [0, 1, 2, 4, 30, 30]  # capped, never gives up
     finally:
         sink.stop()
         await r.close()
 
 
 async def test_child_crashing_while_opening_is_reported(misbehaving: Callable[[str], str]) -> None:
-    r = Renderer(spec(misbehaving("aborts_on_open")), name="t8", spare=False, start_attempts=2)
+    r = Renderer(spec(misbehaving("aborts_on_open")), RendererOptions(spare=False, start_attempts=2),
+                 name="t8")
     with pytest.raises(RendererCrashed, match="SIGABRT"):
         await r.start()
     try:
@@ -454,7 +438,7 @@ async def test_child_crashing_while_opening_is_reported(misbehaving: Callable[[s
 
 async def test_bad_model_fails_with_operator_line_without_crash_loop(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.json")
-    r = Renderer(spec(model=missing), name="t9", failed_retry_s=60)
+    r = Renderer(spec(model=missing), RendererOptions(failed_retry_s=60), name="t9")
     with pytest.raises(RuntimeFailure) as info:
         await r.start()
     try:
@@ -471,7 +455,7 @@ async def test_bad_model_fails_with_operator_line_without_crash_loop(tmp_path: P
 
 async def test_secret_goes_over_the_channel_only() -> None:
     secret = "sk-test-do-not-leak-1234"
-    r = Renderer(spec(api_secret=secret), name="t10", spare=False)
+    r = Renderer(spec(api_secret=secret), RendererOptions(spare=False), name="t10")
     await r.start()
     try:
         assert secret not in repr(r.spec)
@@ -498,7 +482,7 @@ async def test_close_leaves_nothing_behind() -> None:
 
 async def test_parent_cpu_per_frame() -> None:
     """Parent-side cost of receiving and copying 512×512 frames (printed; the bound is loose)."""
-    r = Renderer(RendererSpec("reference", MODEL, 512, 512), name="t12", spare=False)
+    r = Renderer(RendererSpec("reference", MODEL, 512, 512), RendererOptions(spare=False), name="t12")
     await r.start()
     try:
         n, cpu0, wall0 = 0, time.process_time(), time.monotonic()
@@ -551,7 +535,7 @@ async def test_every_child_stopped_at_once_recovers_without_sigcont(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="appliance.renderer")
-    r = Renderer(spec(), name="t13", stall_timeout_s=2.0)
+    r = Renderer(spec(), RendererOptions(stall_timeout_s=2.0), name="t13")
     await r.start()
     stopped: list[int] = []
     try:
