@@ -50,6 +50,7 @@ async function main() {
         const data = await page.evaluate(() => ({
           state: viewer.state, error: viewer.error, identity: viewer.identity,
           frames: viewer.frames, audio: viewer.audio, stats: viewer.stats,
+          audioLatencyMs: viewer.audioLatencyMs,
           timeOrigin: performance.timeOrigin, now: performance.now(),
         }));
         reply({ ok: true, viewer: data });

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
-
 from aiortc import (
     MediaStreamTrack,
     RTCBundlePolicy,
@@ -156,8 +155,8 @@ def tune_receiver(receiver: object) -> None:
     if getattr(receiver, estimator, None) is not None:
         setattr(receiver, estimator, FixedBitrateEstimate())
     if getattr(receiver, "_RTCRtpReceiver__kind", None) == "audio":
-        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", JitterBuffer(capacity=16, prefetch=1))
-        setattr(receiver, "_RTCRtpReceiver__decoder_queue", OpusPassthrough(receiver))
+        receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=1)
+        receiver._RTCRtpReceiver__decoder_queue = OpusPassthrough(receiver)
 
 
 class FanoutTrack(MediaStreamTrack):

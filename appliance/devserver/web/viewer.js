@@ -21,6 +21,7 @@ const viewer = (window.viewer = {
   frames: [], // [shown at (performance.now ms), width, height, mouth open share or null]
   audio: [], // [at (performance.now ms), rms 0..1]
   stats: [], // receiver stats once a second
+  audioLatencyMs: 0, // the audio output's latency, added to audio times
   room: null,
 });
 
@@ -95,6 +96,7 @@ function watchAudio(track) {
     let sum = 0;
     for (const x of samples) sum += x * x;
     const latencyMs = 1000 * ((audioCtx.outputLatency || 0) + (audioCtx.baseLatency || 0));
+    viewer.audioLatencyMs = latencyMs;
     viewer.audio.push([performance.now() + latencyMs, Math.sqrt(sum / samples.length)]);
   }, 5);
 }
