@@ -252,6 +252,11 @@ async def test_browser_sees_and_hears_the_avatar(  # type: ignore[no-untyped-def
         # buffer holds 60-110 ms, the output 42 ms, and the kiosk queues its audio ahead of the
         # wire (room.py). The bound catches the old relay (bursts, 0.5 s late), not yet ±150.
         assert abs(float(np.median(offsets))) <= AV_BOUND_MS, f"A/V offset {np.median(offsets):.0f} ms"
+
+        # `make run`'s viewer: the dev server's own page, with a token it mints itself
+        devserver.viewer_room = ROOM
+        opened = await browser.call(60, cmd="open", url=devserver.viewer_url, timeout_ms=30000)
+        assert opened["ok"], f"the dev server's viewer did not play: {opened}\n{browser.log()[-3000:]}"
     finally:
         await browser.close()
 

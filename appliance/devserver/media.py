@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import av
 from aiortc import (
@@ -145,16 +146,16 @@ class OpusPassthrough:
         return self._stop.get()
 
 
-def tune_receiver(receiver: object) -> None:
+def tune_receiver(receiver: Any) -> None:
     """Fixed REMB for video (see above); audio passed through undecoded, without prefetch.
 
     aiortc's audio jitter buffer holds 4 packets (80 ms) before it lets one go, and
     that delay is the voice's alone: the picture goes on as soon as a frame is
     complete.  On the local links we serve, packets do not reorder."""
-    estimator = "_RTCRtpReceiver__remote_bitrate_estimator"  # aiortc has no public knobs
-    if getattr(receiver, estimator, None) is not None:
-        setattr(receiver, estimator, FixedBitrateEstimate())
-    if getattr(receiver, "_RTCRtpReceiver__kind", None) == "audio":
+    # aiortc has no public knobs for these: its receiver's private attributes
+    if receiver._RTCRtpReceiver__remote_bitrate_estimator is not None:
+        receiver._RTCRtpReceiver__remote_bitrate_estimator = FixedBitrateEstimate()
+    if receiver._RTCRtpReceiver__kind == "audio":
         receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=1)
         receiver._RTCRtpReceiver__decoder_queue = OpusPassthrough(receiver)
 
