@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from appliance.bench import KioskProcess, write_kiosk_config
-from appliance.demo import AgentVoice, make_token
+from appliance.dev.bench import KioskProcess, write_kiosk_config
+from appliance.dev.demo import AgentVoice, make_token
 from appliance.devserver.viewer import WEB_DIR, ViewerRoutes
-from appliance.reference_runtime import mouth_box_for
+from appliance.runtimes.reference import mouth_box_for
 from appliance.supervisor import bundled_model
 
 KIOSK = "kiosk-browser"
