@@ -8,9 +8,10 @@ Classic LiveKit two-PeerConnection model, per participant:
   participant's tracks and our `_reliable` / `_lossy` data channels
   (server -> client).  It is renegotiated whenever tracks come and go.
 
-Media is relayed by decoding and re-encoding (aiortc cannot forward RTP as-is):
-each published track gets one `TrackFanout` that always drains it and hands every
-frame to one `FanoutTrack` per subscriber.
+Video is relayed by decoding and re-encoding per subscriber (aiortc cannot forward
+RTP as-is); the voice goes through as Opus packets (`OpusPassthrough`).  Each
+published track gets one `TrackFanout` that always drains it and hands every frame
+to one `FanoutTrack` per subscriber.
 
 Publishers are told a fixed receive bitrate (`INGRESS_BITRATE_BPS`, REMB once a
 second) instead of aiortc's estimate.  aiortc's receive-side estimator times each
