@@ -10,7 +10,11 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config portaudio19-dev libsystemd-dev \
                 espeak-ng sox iproute2 systemd mmdebstrap systemd-container \
                 genimage mtools dosfstools e2fsprogs zstd xz-utils qemu-system-x86 ovmf \
-                qemu-system-arm qemu-efi-aarch64 qemu-user-static
+                qemu-system-arm qemu-efi-aarch64 qemu-user-static chromium \
+                $(if $(shell command -v npm),,nodejs npm)
+# The dev server's browser viewer (livekit-client) and the browser test's driver
+# (playwright-core): versions pinned in its package-lock.json.
+WEB := appliance/devserver/web
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ARCH  ?= amd64
@@ -18,10 +22,10 @@ BOARD ?=
 
 .PHONY: setup run demo test bench config image image-test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(WEB)/node_modules/.installed
 
 # Debian packages: only those missing are installed (needs root or sudo).
-.apt-stamp:
+.apt-stamp: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
@@ -33,6 +37,10 @@ $(VENV)/.installed: pyproject.toml .apt-stamp
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+$(WEB)/node_modules/.installed: $(WEB)/package.json $(WEB)/package-lock.json .apt-stamp
+	npm ci --prefix $(WEB) --no-audit --no-fund --loglevel=error
 	@touch $@
 
 run: setup

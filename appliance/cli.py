@@ -79,7 +79,7 @@ def _check_each(targets: list[str]) -> int:
 
 def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[str]) -> int:
     from appliance.config.watch import ConfigWatcher
-    from appliance.dev.local import dev_overrides, start_dev_server
+    from appliance.dev.local import dev_banner, dev_overrides, start_dev_server
     from appliance.supervisor import Supervisor
 
     paths = config_paths(args.config)
@@ -94,7 +94,7 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[s
         server = None
         load = load_layers
         if args.dev:
-            server = await start_dev_server()
+            server = await start_dev_server(viewer_room=config.livekit.room)
             load = lambda: dev_overrides(load_layers())  # noqa: E731
         supervisor = Supervisor(dev_overrides(config) if args.dev else config, load=load)
         supervisor.config_problems = problems
@@ -105,14 +105,8 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[s
         dropins = [ETC_DROPINS] if not args.config and ETC_DROPINS.is_dir() else []
         watcher = ConfigWatcher(paths or [ETC_CONFIG], dropins, lambda: supervisor.reload("file changed"))
         watcher.start()
-        if args.dev:
-            print(
-                f"\nappliance: dev server on {supervisor.config.livekit.url}, room "
-                f"{supervisor.config.livekit.room!r}.\n"
-                "  To see and hear the avatar speak: `make demo` in another terminal\n"
-                "  (writes demo.mp4). Stop with Ctrl-C.\n",
-                file=sys.stderr,
-            )
+        if server is not None:
+            print(dev_banner(server, supervisor.config.livekit.room), file=sys.stderr)
         try:
             await supervisor.run()
         finally:

@@ -43,11 +43,14 @@ def dev_url() -> str:
     return f"ws://{DEV_HOST}:{DEV_PORT}"
 
 
-async def start_dev_server() -> DevServer:
-    """Start the dev server on DEV_HOST:DEV_PORT with the per-user secret."""
+async def start_dev_server(viewer_room: str | None = None) -> DevServer:
+    """Start the dev server on DEV_HOST:DEV_PORT with the per-user secret.
+
+    With `viewer_room`, its browser viewer (`server.viewer_url`) watches that room."""
     from appliance.devserver import DevServer
 
-    server = DevServer(host=DEV_HOST, port=DEV_PORT, api_key=DEV_API_KEY, api_secret=dev_secret().reveal())
+    server = DevServer(host=DEV_HOST, port=DEV_PORT, api_key=DEV_API_KEY,
+                       api_secret=dev_secret().reveal(), viewer_room=viewer_room)
     await server.start()
     return server
 
@@ -58,3 +61,16 @@ def dev_overrides(config: Config) -> Config:
     secrets_ = dict(config.secrets)
     secrets_["livekit.api_secret"] = dev_secret()
     return dataclasses.replace(config, livekit=livekit, secrets=secrets_)
+
+
+def dev_banner(server: DevServer, room: str) -> str:
+    """What `appliance run --dev` prints: where to watch, and how to make the avatar speak."""
+    from appliance.devserver.viewer import client_installed, missing_client_help
+
+    watch = (f"  Watch and hear the avatar in a browser on this machine: {server.viewer_url}"
+             if client_installed() else f"  No browser viewer: {missing_client_help()}.")
+    return (
+        f"\nappliance: dev server on {server.url}, room {room!r}.\n{watch}\n"
+        "  To make it speak: `make demo` in another terminal (also writes demo.mp4).\n"
+        "  Stop with Ctrl-C.\n"
+    )

@@ -4,11 +4,13 @@ The real `livekit` SDK (`rtc.Room`) connects to it.  What it does:
 
 * JWT auth with the API key/secret; the token's identity, name, kind (e.g. agent),
   metadata and attributes show up in the participant info others see.
-* Classic two-PeerConnection signalling on `/rtc` (the SDK's single-PC `/rtc/v1`
-  gets a 404 and the SDK falls back, as against an older livekit-server);
-  `/rtc/validate` explains refusals (401 + text).
-* Media relayed through aiortc (decoded and re-encoded): opus, VP8, H264; every
-  participant is subscribed to every other participant's tracks.
+* Classic two-PeerConnection signalling on `/rtc` (the SDKs' single-PC `/rtc/v1`
+  and `/rtc/v1/validate` get a 404 and they fall back, as against an older
+  livekit-server); `/rtc/validate` explains refusals (401 + text).  CORS for any
+  origin on every answer; `/viewer/` watches a room in a browser.
+* Media relayed through aiortc (video decoded and re-encoded, Opus passed through);
+  every participant is subscribed to every other participant's tracks, a
+  participant's camera and microphone in one (lip-synced) stream.
 * Data packets (user data, RPC, byte/text streams) relayed over the `_reliable` /
   `_lossy` channels, honouring destination identities.
 * `stop()` / `start()` on the same port simulates an outage: clients try to resume,

@@ -8,9 +8,20 @@ Classic LiveKit two-PeerConnection model, per participant:
   participant's tracks and our `_reliable` / `_lossy` data channels
   (server -> client).  It is renegotiated whenever tracks come and go.
 
-Media is relayed by decoding and re-encoding (aiortc cannot forward RTP as-is):
-each published track gets one `TrackFanout` that always drains it and hands every
-frame to one `FanoutTrack` per subscriber.
+Video is relayed by decoding and re-encoding per subscriber (aiortc cannot forward
+RTP as-is); the voice goes through as Opus packets (`OpusPassthrough`).  Each
+published track gets one `TrackFanout` that always drains it and hands every frame
+to one `FanoutTrack` per subscriber.
+
+Publishers are told a fixed receive bitrate (`INGRESS_BITRATE_BPS`, REMB once a
+second) instead of aiortc's estimate.  aiortc's receive-side estimator times each
+packet when the event loop gets to it, so a stall of this process (another
+participant joining: its PCs, DTLS, a first keyframe to encode) reads as a
+congested network: the estimate fell from ~350 to ~175 kbps within 0.3 s of an
+agent joining, the publisher (libwebrtc) halved its picture to 256x256, and the
+estimate then climbed back by ~8 %/s, so it took ~20 s to return to 512x512.
+The links it serves are local (a dev machine, a test namespace): the publisher's
+own encoding limits are the right cap.
 """
 
 from __future__ import annotations
@@ -19,10 +30,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
 
+import av
 from aiortc import (
     MediaStreamTrack,
     RTCBundlePolicy,
@@ -34,12 +49,16 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc import sdp as aiortc_sdp
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
 log = logging.getLogger(__name__)
 
 RELIABLE = "_reliable"
 LOSSY = "_lossy"
+
+INGRESS_BITRATE_BPS = 5_000_000
+REMB_INTERVAL_S = 1.0  # libwebrtc sends REMB about once a second too
 
 # How long we wait for the client's answer to a subscriber offer before re-offering.
 CONNECT_TIMEOUT_S = 15.0
@@ -79,6 +98,67 @@ def sending_mids(offer_sdp: str) -> set[str]:
         for m in description.media
         if m.kind in ("audio", "video") and m.port != 0 and m.direction in ("sendonly", "sendrecv")
     }
+
+
+class FixedBitrateEstimate:
+    """Stands in for aiortc's RemoteBitrateEstimator: the same REMB, once a second."""
+
+    def __init__(self, bitrate_bps: int = INGRESS_BITRATE_BPS) -> None:
+        self.bitrate_bps = bitrate_bps
+        self._next = 0.0
+
+    def add(
+        self, abs_send_time: int, arrival_time_ms: int, payload_size: int, ssrc: int
+    ) -> tuple[int, list[int]] | None:
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + REMB_INTERVAL_S
+        return self.bitrate_bps, [ssrc]
+
+
+class OpusPassthrough:
+    """Stands in for an aiortc audio receiver's decoder queue: Opus frames reach the
+    track as they are (`av.Packet`), and each subscriber's sender sends them unchanged.
+
+    Decoding and re-encoding the voice cost the event loop a thread hop each way and
+    a pure-Python audio-level pass per frame and subscriber (15 % of the loop with
+    two subscribers); under load that came out as bursts, which grow the browser's
+    jitter buffer and with it the voice's lag behind the picture.  aiortc's decoder
+    thread keeps waiting on `get()` until the receiver stops (`put(None)`)."""
+
+    def __init__(self, receiver: object) -> None:
+        self._receiver = receiver
+        self._stop: queue.Queue[None] = queue.Queue()
+
+    def put(self, item: tuple[object, object] | None) -> None:
+        if item is None:
+            self._stop.put(None)
+            return
+        codec, frame = item  # called on the event loop, from RTCRtpReceiver
+        packet = av.Packet(frame.data)  # type: ignore[attr-defined]
+        packet.pts = frame.timestamp  # type: ignore[attr-defined]
+        packet.time_base = Fraction(1, codec.clockRate)  # type: ignore[attr-defined]
+        track = self._receiver.track  # type: ignore[attr-defined]
+        if track is not None:
+            track._queue.put_nowait(packet)
+
+    def get(self) -> None:
+        return self._stop.get()
+
+
+def tune_receiver(receiver: Any) -> None:
+    """Fixed REMB for video (see above); audio passed through undecoded, without prefetch.
+
+    aiortc's audio jitter buffer holds 4 packets (80 ms) before it lets one go, and
+    that delay is the voice's alone: the picture goes on as soon as a frame is
+    complete.  On the local links we serve, packets do not reorder."""
+    # aiortc has no public knobs for these: its receiver's private attributes
+    if receiver._RTCRtpReceiver__remote_bitrate_estimator is not None:
+        receiver._RTCRtpReceiver__remote_bitrate_estimator = FixedBitrateEstimate()
+    if receiver._RTCRtpReceiver__kind == "audio":
+        receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=1)
+        receiver._RTCRtpReceiver__decoder_queue = OpusPassthrough(receiver)
 
 
 class FanoutTrack(MediaStreamTrack):
@@ -202,6 +282,7 @@ class PublisherPeer(_Peer):
         @self.pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
             transceiver = next(t for t in self.pc.getTransceivers() if t.receiver.track is track)
+            tune_receiver(transceiver.receiver)
             self._new_tracks.append((track, transceiver))
 
         @self.pc.on("datachannel")
@@ -274,17 +355,17 @@ class SubscriberPeer(_Peer):
 
     # -- tracks -----------------------------------------------------------------
 
-    def add_track(self, participant_sid: str, track_sid: str, fanout: TrackFanout) -> None:
+    def add_track(self, stream_id: str, track_sid: str, fanout: TrackFanout) -> None:
         if track_sid in self._subs or self._closed:
             return
         if not self._first_answered:
-            self._deferred[track_sid] = (participant_sid, fanout)
+            self._deferred[track_sid] = (stream_id, fanout)
             return
         sink = fanout.subscribe()
         transceiver = self.pc.addTransceiver(sink, direction="sendonly")
-        # The SDK finds participant and publication from the msid:
-        # stream id "PA_xxx|TR_xxx", track id = track sid.
-        transceiver.sender._stream_id = f"{participant_sid}|{track_sid}"
+        # The SDK finds participant and publication from the msid: stream id
+        # "PA_xxx|camera" (or "PA_xxx|TR_xxx", see room.stream_id), track id = track sid.
+        transceiver.sender._stream_id = stream_id
         transceiver.sender._track_id = track_sid
         self._subs[track_sid] = _Subscription(track_sid, transceiver, sink)
         self._dirty.set()
@@ -338,8 +419,8 @@ class SubscriberPeer(_Peer):
                 await self._wait_connected(CONNECT_TIMEOUT_S)
                 self._first_answered = True
                 deferred, self._deferred = self._deferred, {}
-                for track_sid, (participant_sid, fanout) in deferred.items():
-                    self.add_track(participant_sid, track_sid, fanout)
+                for track_sid, (stream_id, fanout) in deferred.items():
+                    self.add_track(stream_id, track_sid, fanout)
 
     async def _wait_connected(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

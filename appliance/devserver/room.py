@@ -35,6 +35,8 @@ class PublishedTrack:
 class Participant:
     grant: Grant
     client_protocol: int = 0
+    protocol: int = 0  # the signalling protocol version the client speaks
+    firefox: bool = False
     sid: str = field(default_factory=lambda: new_sid("PA"))
     joined_at: float = field(default_factory=time.time)
     state: int = models.ParticipantInfo.State.JOINED
@@ -89,6 +91,27 @@ class Participant:
             else:
                 self.attributes.pop(key, None)
         return before != (self.name, self.metadata, self.attributes)
+
+
+# As livekit-server: a participant's camera and microphone form one media stream, so a
+# browser plays them lip-synced; screen share and its audio another.
+_SYNC_STREAMS = {
+    models.TrackSource.CAMERA: "camera",
+    models.TrackSource.MICROPHONE: "camera",
+    models.TrackSource.SCREEN_SHARE: "screen",
+    models.TrackSource.SCREEN_SHARE_AUDIO: "screen",
+}
+
+
+def stream_id(publisher: Participant, info: models.TrackInfo, subscriber: Participant) -> str:
+    """The msid stream id a subscriber gets for a track: "PA_…|camera" to sync, else "PA_…|TR_…".
+
+    Both SDKs then take the track sid from the msid track id.  livekit-server does
+    this for protocol > 9 and never for Firefox, which cannot sync by stream."""
+    if subscriber.protocol > 9 and not subscriber.firefox:
+        stream = info.stream or _SYNC_STREAMS.get(info.source, "unknown")
+        return f"{publisher.sid}|{stream}"
+    return f"{publisher.sid}|{info.sid}"
 
 
 def track_info_from_request(req: rtc.AddTrackRequest) -> models.TrackInfo:

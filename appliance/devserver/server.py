@@ -2,15 +2,24 @@
 
 Routes, as the livekit SDKs use them:
 
-* `GET /rtc/v1` -> 404.  Newer SDKs try this single-PeerConnection signalling path
-  first and fall back to the classic path on 404, exactly as against an older
-  livekit-server.  We serve only the classic two-PeerConnection protocol.
+* `GET /rtc/v1` and `GET /rtc/v1/validate` -> 404, as on a livekit-server older than
+  the single-PeerConnection protocol: we serve only the classic two-PeerConnection
+  one.  Newer SDKs try `/rtc/v1` first.  The Rust SDK (Python `livekit`) falls back
+  on the 404 of the WebSocket upgrade; a browser cannot see that status, so
+  `livekit-client` asks `/rtc/v1/validate` and falls back to `/rtc` on its 404
+  (any other answer, or one it may not read for lack of CORS, fails the connect).
 * `GET /rtc` (WebSocket) -> the signalling session.  Token in
   `Authorization: Bearer` (or `?access_token=`).  `?reconnect=1` (a resume) is
   answered with a LeaveRequest(RECONNECT): we keep no state to resume from, so the
   SDK falls back to a full reconnect (new join, tracks republished).
 * `GET /rtc/validate` -> 200, or 401 with the reason; the SDK calls it after a
   failed connect and puts that text in its error.
+* `GET /viewer/` -> a page that watches the room in a browser (see `viewer.py`).
+
+Every answer carries CORS headers for any origin, and preflight `OPTIONS` requests
+are answered for every path, like livekit-server (its tokens, not origins, decide
+who may join): pages served elsewhere (a kiosk screen, LiveKit Meet, the agents
+playground) must be able to read our answers.
 """
 
 from __future__ import annotations
@@ -25,8 +34,44 @@ from livekit.protocol import models, rtc
 from appliance.devserver import auth
 from appliance.devserver.room import Participant, Room
 from appliance.devserver.session import PING_INTERVAL, PING_TIMEOUT, ParticipantSession
+from appliance.devserver.viewer import ViewerRoutes
 
 log = logging.getLogger(__name__)
+
+
+CORS_MAX_AGE_S = 86400  # livekit-server lets browsers cache a preflight for a day
+
+
+@web.middleware
+async def _preflight(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Answer CORS preflights on any path, before routing can call them 404 or 405."""
+    method = request.headers.get("Access-Control-Request-Method")
+    if request.method != "OPTIONS" or not method:
+        return await handler(request)
+    headers = {
+        "Access-Control-Allow-Methods": method.upper(),
+        "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
+        "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+    }
+    wanted = request.headers.get("Access-Control-Request-Headers")
+    if wanted:
+        headers["Access-Control-Allow-Headers"] = wanted  # any header, as livekit-server
+    return web.Response(status=204, headers=headers)
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare: runs for every answer, WebSocket upgrades and errors included
+    response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin", "*")
+    response.headers["Access-Control-Expose-Headers"] = "*"
+    if "Origin" in request.headers and "Vary" not in response.headers:
+        response.headers["Vary"] = "Origin"
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def _token(request: web.Request) -> str | None:
@@ -46,6 +91,8 @@ class DevServer:
 
     `port=0` picks a free port (see `server.port` after `start()`); `start()` may be
     called again after `stop()`, on the same port, to simulate an outage.
+    With `viewer_room`, `/viewer/token` hands the browser viewer a watch-only token
+    for that room (`viewer_url` is the page to open).
     """
 
     def __init__(
@@ -54,6 +101,7 @@ class DevServer:
         port: int = 7880,
         api_key: str = "devkey",
         api_secret: str = "",
+        viewer_room: str | None = None,
     ) -> None:
         if not api_secret:
             raise ValueError("api_secret must not be empty")
@@ -61,6 +109,7 @@ class DevServer:
         self.port = port
         self.api_key = api_key
         self.api_secret = api_secret
+        self.viewer_room = viewer_room
         self.rooms: dict[str, Room] = {}
         self._runner: web.AppRunner | None = None
         self._sessions: set[ParticipantSession] = set()
@@ -70,6 +119,10 @@ class DevServer:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ws://{host}:{self.port}"
+
+    @property
+    def viewer_url(self) -> str:
+        return "http" + self.url[2:] + "/viewer/"
 
     def participants(self, room: str) -> list[str]:
         """Identities currently joined to `room`."""
@@ -81,12 +134,14 @@ class DevServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("DevServer already started")
-        app = web.Application()
+        app = web.Application(middlewares=[_preflight])
+        app.on_response_prepare.append(_cors_headers)
         app.router.add_get("/rtc/v1", self._not_found)
+        app.router.add_get("/rtc/v1/validate", self._not_found)
         app.router.add_get("/rtc/validate", self._validate)
-        app.router.add_get("/rtc/v1/validate", self._validate)
         app.router.add_get("/rtc", self._signal)
         app.router.add_get("/", self._health)
+        ViewerRoutes(self).add_to(app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
@@ -142,7 +197,8 @@ class DevServer:
         return web.Response(text="OK")
 
     async def _not_found(self, request: web.Request) -> web.Response:
-        # Make the SDK fall back from /rtc/v1 (single PC) to /rtc (two PCs).
+        # Make the SDKs fall back from /rtc/v1 (single PC) to /rtc (two PCs).  The text
+        # must not say "requested room does not exist": livekit-client would give up.
         return web.Response(status=404, text="single peer connection signalling not supported")
 
     async def _validate(self, request: web.Request) -> web.Response:
@@ -193,11 +249,12 @@ class DevServer:
                     action=rtc.LeaveRequest.Action.DISCONNECT,
                 )
             )
-        try:
-            client_protocol = int(request.query.get("client_protocol", "0"))
-        except ValueError:
-            client_protocol = 0
-        participant = Participant(grant=grant, client_protocol=client_protocol)
+        participant = Participant(
+            grant=grant,
+            client_protocol=_int(request.query.get("client_protocol")),
+            protocol=_int(request.query.get("protocol")),
+            firefox=request.query.get("browser", "").lower() == "firefox",
+        )
         # The room may have been emptied (and dropped) while the old session closed.
         room = self.rooms.setdefault(grant.room, room)
         room.participants[grant.identity] = participant

@@ -24,7 +24,13 @@ from appliance.devserver.media import (
     TrackFanout,
     parse_candidate,
 )
-from appliance.devserver.room import Participant, PublishedTrack, Room, track_info_from_request
+from appliance.devserver.room import (
+    Participant,
+    PublishedTrack,
+    Room,
+    stream_id,
+    track_info_from_request,
+)
 
 if TYPE_CHECKING:
     from appliance.devserver.server import DevServer
@@ -171,7 +177,9 @@ class ParticipantSession:
         for other in others if p.grant.can_subscribe else []:
             for track in other.tracks.values():
                 if track.fanout is not None:
-                    self.subscriber.add_track(other.sid, track.info.sid, track.fanout)
+                    self.subscriber.add_track(
+                        stream_id(other, track.info, p), track.info.sid, track.fanout
+                    )
         self.subscriber.start()
         for other in others:
             if other.session is not None:
@@ -308,7 +316,9 @@ class ParticipantSession:
                     await other.session.subscriber.remove_track(sid)
                 for new in published:
                     assert new.fanout is not None
-                    other.session.subscriber.add_track(p.sid, new.info.sid, new.fanout)
+                    other.session.subscriber.add_track(
+                        stream_id(p, new.info, other), new.info.sid, new.fanout
+                    )
 
     def _on_mute(self, req: rtc.MuteTrackRequest) -> None:
         track = self.participant.tracks.get(req.sid)
