@@ -14,7 +14,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config portaudio19-dev libsyste
                 $(if $(shell command -v npm),,nodejs npm)
 # The dev server's browser viewer (livekit-client) and the browser test's driver
 # (playwright-core): versions pinned in its package-lock.json.
-WEB := appliance/devserver/web
+WEB := appliance/dev/server/web
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ARCH  ?= amd64

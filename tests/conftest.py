@@ -92,7 +92,7 @@ def signal_host() -> str:
 @pytest.fixture
 async def devserver(media_host: str) -> AsyncIterator:
     """A started LiveKit dev server on `media_host`, with DEV_API_KEY/DEV_API_SECRET."""
-    from appliance.devserver import DevServer
+    from appliance.dev.server import DevServer
 
     server = DevServer(host=media_host, port=0, api_key=DEV_API_KEY, api_secret=DEV_API_SECRET)
     await server.start()

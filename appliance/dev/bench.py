@@ -258,7 +258,7 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
 
 async def _run(seconds: float, host: str, interrupts: int, baseline: bool) -> dict[str, float]:
     key, secret, port = "benchkey", os.urandom(16).hex(), 7880
-    server = subprocess.Popen([sys.executable, "-m", "appliance.devserver", "--host", host,
+    server = subprocess.Popen([sys.executable, "-m", "appliance.dev.server", "--host", host,
                                "--port", str(port), "--key", key],
                               env={**os.environ, "LIVEKIT_API_SECRET": secret},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

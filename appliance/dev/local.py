@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from appliance.config import Config, Secret
 
 if TYPE_CHECKING:
-    from appliance.devserver import DevServer
+    from appliance.dev.server import DevServer
 
 DEV_HOST = "127.0.0.1"
 DEV_PORT = 7880
@@ -47,7 +47,7 @@ async def start_dev_server(viewer_room: str | None = None) -> DevServer:
     """Start the dev server on DEV_HOST:DEV_PORT with the per-user secret.
 
     With `viewer_room`, its browser viewer (`server.viewer_url`) watches that room."""
-    from appliance.devserver import DevServer
+    from appliance.dev.server import DevServer
 
     server = DevServer(host=DEV_HOST, port=DEV_PORT, api_key=DEV_API_KEY,
                        api_secret=dev_secret().reveal(), viewer_room=viewer_room)
@@ -65,7 +65,7 @@ def dev_overrides(config: Config) -> Config:
 
 def dev_banner(server: DevServer, room: str) -> str:
     """What `appliance run --dev` prints: where to watch, and how to make the avatar speak."""
-    from appliance.devserver.viewer import client_installed, missing_client_help
+    from appliance.dev.server.viewer import client_installed, missing_client_help
 
     watch = (f"  Watch and hear the avatar in a browser on this machine: {server.viewer_url}"
              if client_installed() else f"  No browser viewer: {missing_client_help()}.")

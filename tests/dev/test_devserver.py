@@ -17,7 +17,7 @@ import pytest
 from conftest import DEV_API_KEY, DEV_API_SECRET, DEV_ROOM
 from livekit import rtc
 
-from appliance.devserver import DevServer
+from appliance.dev.server import DevServer
 
 WIDTH = HEIGHT = 512
 FPS = 25

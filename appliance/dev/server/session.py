@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 from livekit.protocol import models, rtc
 
-from appliance.devserver.media import (
+from appliance.dev.server.media import (
     LOSSY,
     RELIABLE,
     PublisherPeer,
@@ -24,7 +24,7 @@ from appliance.devserver.media import (
     TrackFanout,
     parse_candidate,
 )
-from appliance.devserver.room import (
+from appliance.dev.server.room import (
     Participant,
     PublishedTrack,
     Room,
@@ -33,7 +33,7 @@ from appliance.devserver.room import (
 )
 
 if TYPE_CHECKING:
-    from appliance.devserver.server import DevServer
+    from appliance.dev.server.server import DevServer
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ aiortc offers host candidates on every interface (the signalling host may be
 127.0.0.1).
 """
 
-from appliance.devserver.auth import AuthError, Grant
-from appliance.devserver.server import DevServer
+from appliance.dev.server.auth import AuthError, Grant
+from appliance.dev.server.server import DevServer
 
 __all__ = ["AuthError", "DevServer", "Grant"]

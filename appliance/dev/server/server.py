@@ -31,10 +31,10 @@ import socket
 from aiohttp import web
 from livekit.protocol import models, rtc
 
-from appliance.devserver import auth
-from appliance.devserver.room import Participant, Room
-from appliance.devserver.session import PING_INTERVAL, PING_TIMEOUT, ParticipantSession
-from appliance.devserver.viewer import ViewerRoutes
+from appliance.dev.server import auth
+from appliance.dev.server.room import Participant, Room
+from appliance.dev.server.session import PING_INTERVAL, PING_TIMEOUT, ParticipantSession
+from appliance.dev.server.viewer import ViewerRoutes
 
 log = logging.getLogger(__name__)
 

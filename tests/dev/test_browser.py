@@ -1,6 +1,6 @@
 """A real browser joins the dev server: headless Chromium + the official livekit-client.
 
-The page (`appliance/devserver/web/viewer.html`, livekit-client at its default
+The page (`appliance/dev/server/web/viewer.html`, livekit-client at its default
 options) is served from a different origin than the dev server, as a kiosk screen
 page, LiveKit Meet or the agents playground would be: the SDK's probe of
 `/rtc/v1/validate` and its fallback to `/rtc` only work with CORS.  Chromium
@@ -31,7 +31,7 @@ from aiohttp import web
 
 from appliance.dev.bench import KioskProcess, write_kiosk_config
 from appliance.dev.demo import AgentVoice, make_token
-from appliance.devserver.viewer import WEB_DIR, ViewerRoutes
+from appliance.dev.server.viewer import WEB_DIR, ViewerRoutes
 from appliance.runtimes.reference import mouth_box_for
 from appliance.supervisor import bundled_model
 
@@ -62,7 +62,7 @@ def _need_browser() -> str:
 
 
 class Browser:
-    """tests/browser_driver.cjs as a child process: one JSON line per command."""
+    """tests/dev/browser_driver.cjs as a child process: one JSON line per command."""
 
     def __init__(self, proc: asyncio.subprocess.Process, stderr: Path) -> None:
         self.proc = proc
@@ -285,7 +285,7 @@ async def test_cors_and_the_v1_fallback_answers(signal_host: str, make_token) ->
     import aiohttp
     from conftest import DEV_API_KEY, DEV_API_SECRET
 
-    from appliance.devserver import DevServer, auth
+    from appliance.dev.server import DevServer, auth
 
     server = DevServer(signal_host, 0, DEV_API_KEY, DEV_API_SECRET, viewer_room=ROOM)
     await server.start()

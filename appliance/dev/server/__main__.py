@@ -1,4 +1,4 @@
-"""`python -m appliance.devserver --host 0.0.0.0 --port 7880 --key devkey --secret S`"""
+"""`python -m appliance.dev.server --host 0.0.0.0 --port 7880 --key devkey --secret S`"""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import logging
 import os
 import signal
 
-from appliance.devserver import DevServer
+from appliance.dev.server import DevServer
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m appliance.devserver",
+        prog="python -m appliance.dev.server",
         description="A small LiveKit-compatible server for development and tests.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")

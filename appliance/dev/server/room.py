@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from livekit.protocol import models, rtc
 
-from appliance.devserver.auth import Grant
+from appliance.dev.server.auth import Grant
 
 if TYPE_CHECKING:
-    from appliance.devserver.media import TrackFanout
-    from appliance.devserver.session import ParticipantSession
+    from appliance.dev.server.media import TrackFanout
+    from appliance.dev.server.session import ParticipantSession
 
 
 def new_sid(prefix: str) -> str:

@@ -1,6 +1,6 @@
-// Drives Debian's headless Chromium with playwright-core for tests/test_browser.py.
+// Drives Debian's headless Chromium with playwright-core for tests/dev/test_browser.py.
 //
-//   NODE_PATH=appliance/devserver/web/node_modules node tests/browser_driver.cjs USER_DATA_DIR
+//   NODE_PATH=appliance/dev/server/web/node_modules node tests/dev/browser_driver.cjs USER_DATA_DIR
 //
 // One JSON command per line on stdin, one JSON answer per line on stdout:
 //   {"cmd": "open", "url": ..., "timeout_ms": ...}  -> {"ok": true, "state": "playing"} once
