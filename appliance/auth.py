@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import aiohttp
 from livekit import api
 
-from appliance.config import Secret
+from appliance.config import Config, Secret
+from appliance.errors import OperatorError
 
-__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens"]
+__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "tokens_for"]
 
 
-class TokenError(Exception):
-    """No token could be had; the message names the setting and the fix."""
+class TokenError(OperatorError):
+    """No token could be had; ``setting`` and ``fix`` say what to change."""
 
 
 @dataclass
@@ -114,14 +115,11 @@ class FetchedTokens(TokenSource):
                     body = await response.text()
                     if response.status != 200:
                         raise TokenError(
-                            f"[livekit] token_url: {self._url} answered HTTP {response.status}"
-                            " — check the URL and that the kiosk is allowed to get tokens"
-                        )
+                            f"{self._url} answered HTTP {response.status}", setting="[livekit] token_url",
+                            fix="check the URL and that the kiosk is allowed to get tokens")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TokenError(
-                f"[livekit] token_url: cannot reach {self._url} ({type(exc).__name__})"
-                " — check the network and the URL"
-            ) from None
+            raise TokenError(f"cannot reach {self._url} ({type(exc).__name__})",
+                             setting="[livekit] token_url", fix="check the network and the URL") from None
         body = body.strip()
         ttl_s = 600.0
         if body.startswith("{"):
@@ -130,11 +128,31 @@ class FetchedTokens(TokenSource):
                 token = str(data["token"])
                 ttl_s = float(data.get("ttl_s", ttl_s))
             except (ValueError, KeyError, TypeError):
-                raise TokenError(
-                    f"[livekit] token_url: {self._url} did not answer JSON with a \"token\" field"
-                ) from None
+                raise TokenError(f"{self._url} did not answer JSON with a \"token\" field",
+                                 setting="[livekit] token_url",
+                                 fix="answer {\"token\": \"<JWT>\"} or the bare JWT") from None
         else:
             token = body
         if token.count(".") != 2:
-            raise TokenError(f"[livekit] token_url: {self._url} did not answer a JWT")
+            raise TokenError(f"{self._url} did not answer a JWT", setting="[livekit] token_url",
+                             fix="answer {\"token\": \"<JWT>\"} or the bare JWT")
         return token, ttl_s
+
+
+def tokens_for(config: Config) -> TokenSource:
+    """The kiosk's join tokens as ``[livekit]`` says: fetched from token_url, or minted."""
+    lk = config.livekit
+    if lk.token_url:
+        return FetchedTokens(url=lk.token_url, room=lk.room, identity=lk.identity,
+                             timeout_s=lk.connect_timeout_s)
+    secret = config.secret("livekit.api_secret")
+    if lk.api_key and lk.api_secret_file and secret is None:
+        raise TokenError(
+            f"the secret in {lk.api_secret_file} could not be read (see above); not joining",
+            setting="[livekit] api_secret_file", fix="fix it, then `systemctl restart appliance`")
+    if not lk.api_key or secret is None:
+        raise TokenError("no way to get a join token",
+                         setting="[livekit] api_key / api_secret_file / token_url",
+                         fix="set api_key and api_secret_file, or token_url")
+    return MintedTokens(api_key=lk.api_key, api_secret=secret, room=lk.room,
+                        identity=lk.identity, ttl_s=lk.token_ttl_s)

@@ -23,6 +23,7 @@ from appliance.config import (
     ETC_DROPINS,
     Config,
     ConfigError,
+    Problem,
     config_paths,
     load_config,
     load_last_good,
@@ -77,7 +78,7 @@ def _check_each(targets: list[str]) -> int:
     return EXIT_CONFIG if bad else EXIT_OK
 
 
-def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[str]) -> int:
+def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[Problem]) -> int:
     from appliance.config.watch import ConfigWatcher
     from appliance.dev.local import dev_banner, dev_overrides, start_dev_server
     from appliance.supervisor import Supervisor
@@ -97,13 +98,14 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[s
             server = await start_dev_server(viewer_room=config.livekit.room)
             load = lambda: dev_overrides(load_layers())  # noqa: E731
         supervisor = Supervisor(dev_overrides(config) if args.dev else config, load=load)
-        supervisor.config_problems = problems
+        supervisor.report_config_problems(problems, logged=True)  # cmd_run logged them
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(supervisor.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, supervisor.request_reload, "SIGHUP")
         dropins = [ETC_DROPINS] if not args.config and ETC_DROPINS.is_dir() else []
-        watcher = ConfigWatcher(paths or [ETC_CONFIG], dropins, lambda: supervisor.reload("file changed"))
+        watcher = ConfigWatcher(paths or [ETC_CONFIG], dropins,
+                                lambda: supervisor.request_reload("file changed"))
         watcher.start()
         if server is not None:
             print(dev_banner(server, supervisor.config.livekit.room), file=sys.stderr)
@@ -120,13 +122,13 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[s
 
 def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "info")
-    problems: list[str] = []
+    problems: list[Problem] = []
     try:
         config = _load(args)
     except ConfigError as exc:
-        problems = [str(p) for p in exc.problems]
-        for line in problems:
-            log.error("%s", line, extra={"reason": line})
+        problems = exc.problems
+        for problem in problems:
+            log.error("%s", problem, extra={"reason": str(problem)})
         # a typo must not brick the kiosk: run on what still works, and say why
         fallback = exc.usable or load_last_good()
         if fallback is None:

@@ -28,7 +28,10 @@ log = logging.getLogger("appliance.media")
 
 
 class FrameSink(Protocol):
-    """Anything that shows or sends frames: a frame and its audio slice in."""
+    """Anything that shows or sends frames: a frame and its audio slice in.
+
+    A sink that buffers audio of its own (a speaker) may also have ``drop_audio()``,
+    called on a barge-in so that the voice stops at once everywhere."""
 
     async def send_frame(self, frame: Frame) -> None: ...
 
@@ -93,6 +96,13 @@ class FrameFanout:
         """From the next frame on, frames come from ``source``."""
         self._source = source
         self._switched.set()
+
+    def drop_queued_audio(self) -> None:
+        """Barge-in: every sink that buffers audio drops what it holds."""
+        for sink in self._sinks:
+            drop = getattr(sink, "drop_audio", None)
+            if drop is not None:
+                drop()
 
     def flowing(self, within_s: float = 1.0) -> bool:
         return self.last_frame_at is not None and time.monotonic() - self.last_frame_at < within_s

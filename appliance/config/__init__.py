@@ -26,11 +26,12 @@ from appliance.config.schema import (
     notes,
     parse_layers,
     render_default_toml,
+    restart_only_keys,
     save_last_good,
 )
 
 __all__ = [
     "BOOT_IMPORTED", "ETC_CONFIG", "ETC_DROPINS", "SECTIONS", "AudioSection", "Config", "ConfigError",
     "GpioSection", "Problem", "Secret", "config_paths", "decode_toml", "describe", "effective_values",
-    "load_config", "load_last_good", "notes", "parse_layers", "render_default_toml", "save_last_good",
+    "load_config", "load_last_good", "notes", "parse_layers", "render_default_toml", "restart_only_keys", "save_last_good",
 ]

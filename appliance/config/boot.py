@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -124,6 +125,32 @@ def import_boot_config(
     return ImportResult(True, f"imported {boot} as {dest}", warnings=warnings)
 
 
+# Written at boot by appliance-boot-config.service (the image's boot-config-result) when
+# /boot/firmware/appliance.toml was refused: a heading, then one problem per line.
+REFUSED_IMPORT = Path("/run/appliance-boot-config/problems.txt")
+_PROBLEM_LINE = re.compile(r"^(?P<where>\S+?:\d+): (?P<setting>\[[^\]]+\] [\w.-]+): (?P<what>.*?)"
+                           r"(?: — (?P<fix>.*))?$")
+
+
+def refused_import(path: Path | None = None) -> list[tuple[str, str, str, str]]:
+    """Why this boot's boot-partition config was not applied, one (subject, message,
+    setting, fix) per problem; [] when it was applied (or there was none)."""
+    try:
+        text = (path or REFUSED_IMPORT).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reports = []
+    for line in lines[1:] or lines:  # the first line is the heading ("... NOT applied ...")
+        match = _PROBLEM_LINE.match(line)
+        if match:
+            where, setting, fix = match["where"], match["setting"], match["fix"] or ""
+            reports.append((f"{where} {setting}", line.removesuffix(f" — {fix}"), setting, fix))
+        else:
+            reports.append((line, line, "", "fix /boot/firmware/appliance.toml, then reboot"))
+    return reports
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m appliance.config.boot",
@@ -150,3 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -36,6 +36,7 @@ __all__ = [
     "decode_toml",
     "load_config",
     "iter_settings",
+    "restart_only_keys",
 ]
 
 
@@ -241,10 +242,19 @@ class Problem:
     fix: str = ""
 
     def __str__(self) -> str:
+        fix = f" — {self.fix}" if self.fix else ""
+        return f"{self.located()}{fix}"
+
+    def located(self) -> str:
+        """``file:line: [section] key: what is wrong``, without the fix."""
         where = f"{self.path}:{self.line}" if self.line else self.path
         key = f" {self.key}:" if self.key else ""
-        fix = f" — {self.fix}" if self.fix else ""
-        return f"{where}:{key} {self.message}{fix}"
+        return f"{where}:{key} {self.message}"
+
+    def report(self) -> tuple[str, str, str, str]:
+        """(subject, message, setting, fix) for the problem registry."""
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return (f"{where} {self.key}".strip(), self.located(), self.key, self.fix)
 
 
 class ConfigError(Exception):
@@ -265,6 +275,11 @@ def iter_settings() -> Iterable[tuple[str, dataclasses.Field[Any]]]:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             yield section, f
+
+
+def restart_only_keys() -> frozenset[str]:
+    """``section.key`` of every setting declared ``reload=False``: they apply at the next start."""
+    return frozenset(f"{section}.{f.name}" for section, f in iter_settings() if not f.metadata["reload"])
 
 
 _TYPES: dict[str, type] = {

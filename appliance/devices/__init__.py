@@ -7,9 +7,9 @@ costs one log line (the setting, what is wrong, the fix), is listed in
 
     devices = await asyncio.to_thread(Devices.open, config.audio, config.gpio, loop,
                                        on_motion=..., on_button=...)
-    devices.speaker.play(frame.audio)          # frame pump, non-blocking
+    fanout.add_sink(devices)                   # the speaker plays each frame's audio slice
     async for frame in devices.microphone: ... # 20 ms rtc.AudioFrame, 16 kHz mono
-    devices.set_led(LedState.ON)
+    devices.show_state(live=True)              # the LED: on while serving, blinking otherwise
     devices.close()
 
 The parts live in ``audio_devices.py`` (PortAudio) and ``gpio_devices.py`` (gpiozero).
@@ -25,6 +25,8 @@ from typing import Any
 from appliance.config import AudioSection, GpioSection
 from appliance.devices.audio import AudioDeviceError, AudioHost, Microphone, Speaker
 from appliance.devices.gpio import Gpio, LedState
+from appliance.errors import OperatorError
+from appliance.runtimes import Frame
 
 __all__ = ["Devices", "LedState"]
 
@@ -35,11 +37,12 @@ class Devices:
     """Speaker, microphone and GPIO as configured; any of them may be missing."""
 
     def __init__(self, host: AudioHost, speaker: Speaker | None, microphone: Microphone | None,
-                 gpio: Gpio | None, problems: list[str]) -> None:
+                 gpio: Gpio | None, errors: list[OperatorError]) -> None:
         self.speaker = speaker
         self.microphone = microphone
         self.gpio = gpio
-        self.problems = problems  # operator lines, one per part that could not be used
+        self.errors = errors  # one per part that could not be used
+        self.problems = [e.operator_line() for e in errors]  # the same as operator lines
         self._host = host
 
     @classmethod
@@ -55,27 +58,42 @@ class Devices:
         """Open what the config names. Blocks while PortAudio probes devices (up to ~1 s on
         a Pi): call it through ``asyncio.to_thread``. Callbacks run on ``loop``."""
         host = AudioHost()
-        problems: list[str] = []
+        errors: list[OperatorError] = []
         speaker = microphone = None
         if audio.speaker.strip():
             try:
                 speaker = Speaker.open(audio.speaker, audio.speaker_volume, host)
             except AudioDeviceError as exc:
-                problems.append(cls._report(exc))
+                errors.append(cls._report(exc))
         if audio.microphone.strip():
             try:
                 microphone = Microphone.open(audio.microphone, loop, host)
             except AudioDeviceError as exc:
-                problems.append(cls._report(exc))
+                errors.append(cls._report(exc))
         parts = Gpio.open(gpio, loop, on_motion=on_motion, on_button=on_button)
-        problems += parts.problems
-        return cls(host, speaker, microphone, parts, problems)
+        errors += parts.errors
+        return cls(host, speaker, microphone, parts, errors)
 
     @staticmethod
-    def _report(exc: AudioDeviceError) -> str:
+    def _report(exc: AudioDeviceError) -> AudioDeviceError:
         line = exc.operator_line()
         log.error("%s", line, extra={"reason": line})
-        return line
+        return exc
+
+    # -- a frame sink: the speaker plays the audio slice the room gets ----------------
+
+    async def send_frame(self, frame: Frame) -> None:
+        if self.speaker is not None:
+            self.speaker.play(frame.audio)  # non-blocking
+
+    def drop_audio(self) -> None:
+        """Barge-in: the speaker stops with the room."""
+        if self.speaker is not None:
+            self.speaker.clear()
+
+    def show_state(self, *, live: bool) -> None:
+        """The LED: on while the kiosk serves in the room, blinking while it cannot."""
+        self.set_led(LedState.ON if live else LedState.BLINK)
 
     def set_led(self, state: LedState) -> None:
         if self.gpio is not None:

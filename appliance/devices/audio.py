@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from appliance.errors import OperatorError
+from appliance.retry import Backoff
 from appliance.runtimes import AUDIO_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -377,13 +378,12 @@ class _Device:
                             extra={"reason": str(exc)})
 
     def _reopen(self) -> _Stream | None:
-        delay = 0.5
-        while not self._stop.wait(delay):
+        backoff = Backoff(first_s=0.5, max_s=RETRY_MAX_S)
+        while not self._stop.wait(backoff.next_delay()):
             try:
                 stream = self.host.open(self.setting, self.name, output=self.output)
             except AudioDeviceError as exc:
                 log.debug("%s: still unavailable: %s", self.setting, exc)
-                delay = min(delay * 2, RETRY_MAX_S)
                 continue
             gone = time.monotonic() - (self.lost_since or time.monotonic())
             log.info("%s: %r is back after %.0f s (%d Hz)", self.setting, stream.name, gone, stream.rate)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.config import GpioSection
+from appliance.errors import OperatorError
 
 __all__ = ["Gpio", "LedState"]
 
@@ -43,7 +44,8 @@ class Gpio:
     """The configured GPIO devices; ``problems`` holds one operator line per failure."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, blink_s: float = 0.5) -> None:
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # operator lines
+        self.errors: list[OperatorError] = []  # the same, as records for the problem registry
         self.motion: Any = None
         self.button: Any = None
         self.led: Any = None
@@ -98,9 +100,10 @@ class Gpio:
         return gpio
 
     def _problem(self, keys: list[str], message: str, fix: str) -> None:
-        line = f"[gpio] {', '.join(keys)}: {message} — {fix}"
-        self.problems.append(line)
-        log.error("%s", line, extra={"reason": line})
+        error = OperatorError(message, setting=f"[gpio] {', '.join(keys)}", fix=fix)
+        self.errors.append(error)
+        self.problems.append(error.operator_line())
+        log.error("%s", error.operator_line(), extra={"reason": error.operator_line()})
 
     def _create(self, gpiozero: Any, key: str, pin: str,
                 on_motion: Callable[[bool], None] | None,

@@ -31,6 +31,7 @@ from appliance.models.manifest import (
     sha256_file,
     store_failure,
 )
+from appliance.retry import Backoff
 
 __all__ = ["UpdaterSettings", "download", "format_bytes"]
 
@@ -87,6 +88,7 @@ async def download(source: str, partial: Path, *, size: int, sha256: str,
     if partial.stat().st_size > size:
         os.truncate(partial, 0)
     attempt = 0
+    backoff = Backoff(first_s=settings.backoff_s, max_s=settings.backoff_max_s)
     while partial.stat().st_size < size:
         try:
             if urlparse(source).scheme in ("http", "https"):
@@ -101,7 +103,7 @@ async def download(source: str, partial: Path, *, size: int, sha256: str,
                                     f"{partial.stat().st_size} of {size} bytes kept for resuming)",
                                     setting="[models] manifest_url",
                                     fix="check the update server; the next check resumes") from None
-            delay = min(settings.backoff_s * 2 ** (attempt - 1), settings.backoff_max_s)
+            delay = backoff.next_delay()
             log.warning("model download: %s; retrying in %.0f s", exc, delay)
             await asyncio.sleep(delay)
         except SizeMismatch:

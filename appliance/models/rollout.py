@@ -41,6 +41,8 @@ from appliance.models.store import (
     UpdaterSettings,
     in_window,
 )
+from appliance.retry import Backoff
+from appliance.status.problems import ProblemOwner
 
 __all__ = ["ModelUpdates", "RETRY_S", "SOAK_S"]
 
@@ -67,8 +69,10 @@ class ModelUpdates:
         swap: SwapFn,
         is_idle: Callable[[], bool],
         healthy: Callable[[], bool],
+        problems: ProblemOwner | None = None,
     ) -> None:
         models = config.models
+        self._problems = problems  # the registry's "updates" part: one problem per failed round
         self.config = config
         self.store = ModelStore(models.directory, keep_previous=models.keep_previous)
         self.updater = Updater(
@@ -108,7 +112,7 @@ class ModelUpdates:
         interval = float(self.config.models.check_interval_s)
         if not self.failures:
             return interval
-        return min(interval, RETRY_S * 2 ** min(self.failures - 1, 20))
+        return Backoff(first_s=RETRY_S, max_s=interval, failures=self.failures - 1).next_delay()
 
     async def run(self) -> None:
         """Poll forever (monotonic clock, jittered so a fleet does not hit the server at once)."""
@@ -134,11 +138,22 @@ class ModelUpdates:
         except Exception as exc:
             self._round_error = self._as_update_error(exc)
         if self._round_error is None:
-            self.problem = ""
+            self._set_problem(None)
             return True
-        self.problem = self.last_result = self._round_error.operator_line()
-        log.error("model update: %s", self.problem, extra={"reason": self.problem})
+        self._set_problem(self._round_error)
+        self.last_result = self.problem
         return False
+
+    def _set_problem(self, error: UpdateError | None) -> None:
+        """The last round's failure (None: it went well), here and in the problem registry."""
+        self.problem = error.operator_line() if error else ""
+        if self._problems is None:
+            if error is not None:
+                log.error("model update: %s", self.problem, extra={"reason": self.problem})
+        elif error is not None:
+            self._problems.report_error(error)
+        else:
+            self._problems.clear()
 
     def _as_update_error(self, exc: Exception) -> UpdateError:
         if isinstance(exc, UpdateError):
@@ -224,8 +239,7 @@ class ModelUpdates:
         except Exception as exc:
             self._round_error = self._as_update_error(exc)
         if self._round_error is not None:
-            self.problem = self._round_error.operator_line()
-            log.error("model update: %s", self.problem, extra={"reason": self.problem})
+            self._set_problem(self._round_error)
 
     async def _trial(self) -> None:
         current, previous = self.store.current(), self.store.previous()

@@ -69,6 +69,7 @@ from appliance.models.manifest import (
     store_failure,
     version_key,
 )
+from appliance.retry import Backoff
 from appliance.status.states import StateCell
 
 __all__ = [
@@ -497,9 +498,10 @@ class Updater:
         timeout = aiohttp.ClientTimeout(total=s.connect_timeout_s + s.read_timeout_s,
                                         connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
         why = ""
+        backoff = Backoff(first_s=s.backoff_s, max_s=s.backoff_max_s)
         for attempt in range(s.retries + 1):
             if attempt:
-                await asyncio.sleep(min(s.backoff_s * 2 ** (attempt - 1), s.backoff_max_s))
+                await asyncio.sleep(backoff.next_delay())
             try:
                 async with session.get(url, timeout=timeout) as resp:
                     if resp.status == 200:

@@ -61,6 +61,7 @@ from appliance.renderer.ring import SHM_PREFIX, Ring, sweep_stale_segments
 from appliance.retry import Backoff
 from appliance.runtimes import Frame, RuntimeFailure, VideoSpec
 from appliance.status.states import RendererState, StateCell
+from appliance.tasks import TaskOwner, stop_tasks
 
 __all__ = [
     "Renderer",
@@ -150,6 +151,7 @@ class Renderer:
         self._backoff = Backoff(first_s=1.0, max_s=self.options.backoff_max_s, immediate=True)
         self.restarts = 0
         self.last_restart_reason = ""
+        self.failure: RuntimeFailure | None = None  # why the model cannot open (state FAILED)
         # last frame of the old child → first frame of the new one
         self.last_restart_gap_s: float | None = None
         self.last_frame_monotonic: float | None = None
@@ -163,7 +165,8 @@ class Renderer:
         self._current: ChildProcess | None = None
         self._spare: ChildProcess | None = None
         self._children: set[ChildProcess] = set()  # every child not yet retired, whatever its role
-        self._retiring: set[asyncio.Task[None]] = set()
+        # spare spawns and retirements: named, kept, their crashes logged
+        self._helpers = TaskOwner(f"renderer {name}", log)
         self._pending: collections.deque[tuple[ChildProcess, Ring, int, int]] = collections.deque()
         self._frame_event = asyncio.Event()
         self._frame_times: collections.deque[float] = collections.deque()
@@ -213,7 +216,7 @@ class Renderer:
             raise RuntimeError(f"renderer {self.name} already started")
         sweep_stale_segments()
         self._started = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._supervise(), name=f"renderer-{self.name}")
+        self._task = self._helpers.spawn(self._supervise(), "supervise")
         await self._started
 
     async def frames(self) -> AsyncIterator[Frame]:
@@ -261,18 +264,15 @@ class Renderer:
         """Stop the child (ask, dump, kill), the spare and the supervision; bounded time."""
         self._closed = True
         self._frame_event.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await stop_tasks(self._task)
         self._resolve_start(RuntimeFailure(f"renderer {self.name} closed before its first frame"))
         current = self._current
         for child in list(self._children):
             self._retire(child, dump=child is current)
         self._current = self._spare = None
         self._pending.clear()
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+        while self._helpers.tasks:  # retirements run to their end: they kill what is left
+            await asyncio.wait(self._helpers.tasks)
         self._set_state(State.STOPPED, "closed")
 
     # ------------------------------------------------------------------ internals
@@ -386,9 +386,7 @@ class Renderer:
 
     def _ensure_spare(self) -> None:
         if self.options.spare and self._spare is None and not self._closed:
-            task = asyncio.create_task(self._make_spare(), name=f"renderer-{self.name}-spare")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._helpers.spawn(self._make_spare(), "spare")
 
     async def _make_spare(self) -> None:
         child = await self._spawn(preload=self.spec.runtime, nice=SPARE_NICE)
@@ -405,9 +403,8 @@ class Renderer:
         if child is self._current:
             self._current = None
             self._pending.clear()  # those slots belong to the ring being closed
-        task = asyncio.create_task(child.retire(grace_s=self.options.shutdown_grace_s, dump=dump))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._helpers.spawn(child.retire(grace_s=self.options.shutdown_grace_s, dump=dump),
+                            f"retire {child.pid}")
 
     async def _supervise(self) -> None:
         reason = ""
@@ -424,6 +421,7 @@ class Renderer:
                     self._backoff.reset()
                     delay = self.options.failed_retry_s
                     line = outcome.failure.operator_line()
+                    self.failure = outcome.failure
                     self._set_state(State.FAILED, line, level=logging.ERROR)
                     self._resolve_start(outcome.failure)
                     log.warning("renderer %s: retrying the model in %.0f s", self.name, delay)
@@ -508,6 +506,7 @@ class Renderer:
         if restarted and previous_frame is not None and child.first_frame_at is not None:
             self.last_restart_gap_s = child.first_frame_at - previous_frame
             gap = f", {self.last_restart_gap_s:.2f} s without frames"
+        self.failure = None
         self._set_state(State.RUNNING, f"child {child.pid} rendering{gap}")
         self._ever_ran = True
         self._resolve_start(None)

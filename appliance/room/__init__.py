@@ -1,5 +1,11 @@
-"""The kiosk in the LiveKit room: joining and reconnecting, publishing, the avatar protocol."""
+"""The kiosk in the LiveKit room.
 
-from appliance.room.connection import KioskRoom, RoomOptions, RoomState, SpeechSink
+    connection.py  join, state, reconnect forever; the room as a frame sink
+    publisher.py   the avatar's video and audio tracks, audio-clocked
+    agent.py       the LiveKit Agents avatar protocol: speech in, playback events out
+"""
+
+from appliance.room.agent import SpeechSink
+from appliance.room.connection import KioskRoom, RoomOptions, RoomState
 
 __all__ = ["KioskRoom", "RoomOptions", "RoomState", "SpeechSink"]

@@ -47,7 +47,7 @@ class Problem:
     def line(self) -> str:
         """``[section] key: what is wrong — fix``, as every operator message reads."""
         text = self.message
-        if self.setting and not text.startswith(self.setting):
+        if self.setting and self.setting not in text:
             text = f"{self.setting}: {text}"
         if self.fix and self.fix not in text:
             text = f"{text} — {self.fix}"
@@ -78,14 +78,15 @@ class Problems:
     def first(self, kind: str) -> Problem | None:
         return next(iter(self.list(kind)), None)
 
-    def _report(self, problem: Problem) -> None:
+    def _report(self, problem: Problem, *, logged: bool = False) -> None:
         key = (problem.kind, problem.subject)
         old = self._open.get(key)
         if old is not None and old.line() == problem.line():
             return
         # keep the first-seen time of a problem that only changes its wording
         self._open[key] = problem if old is None else Problem(**{**asdict(problem), "since": old.since})
-        log.error("%s", problem.line(), extra={"reason": problem.line(), "problem": problem.kind})
+        if not logged:
+            log.error("%s", problem.line(), extra={"reason": problem.line(), "problem": problem.kind})
         self._changed()
 
     def _dismiss(self, kind: str, subjects: Iterable[str] | None) -> None:
@@ -110,9 +111,11 @@ class ProblemOwner:
     def __init__(self, registry: Problems, kind: str) -> None:
         self._registry, self.kind = registry, kind
 
-    def report(self, message: str, *, subject: str = "", setting: str = "", fix: str = "") -> Problem:
+    def report(self, message: str, *, subject: str = "", setting: str = "", fix: str = "",
+               logged: bool = False) -> Problem:
+        """Open (or update) a problem; ``logged``: the caller has written it to the journal."""
         problem = Problem(self.kind, subject, message, setting, fix)
-        self._registry._report(problem)
+        self._registry._report(problem, logged=logged)
         return problem
 
     def report_error(self, error: OperatorError, *, subject: str = "") -> Problem:
@@ -125,14 +128,14 @@ class ProblemOwner:
         """Every problem of this kind is gone (its check passed)."""
         self._registry._dismiss(self.kind, None)
 
-    def replace(self, reports: Iterable[tuple[str, str, str, str]]) -> None:
+    def replace(self, reports: Iterable[tuple[str, str, str, str]], *, logged: bool = False) -> None:
         """Exactly these ``(subject, message, setting, fix)`` are open now (e.g. after a reload)."""
         wanted = list(reports)
         keep = {subject for subject, *_ in wanted}
         stale = [p.subject for p in self._registry.list(self.kind) if p.subject not in keep]
         self._registry._dismiss(self.kind, stale)
         for subject, message, setting, fix in wanted:
-            self.report(message, subject=subject, setting=setting, fix=fix)
+            self.report(message, subject=subject, setting=setting, fix=fix, logged=logged)
 
     def list(self) -> list[Problem]:
         return self._registry.list(self.kind)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.status.problems import KINDS
+
 __all__ = ["StatusServer", "query_status", "format_status"]
 
 
@@ -72,21 +74,25 @@ def format_status(status: dict[str, Any]) -> str:
         f"{room.get('state')} ({room.get('reason')})",
         f"  fps:      {status.get('fps_10s')} (last 10 s)   uptime: {status.get('uptime_s')} s",
     ]
-    if status.get("problem"):
-        lines.append(f"  problem:  {status['problem']}")
-    for line in status.get("config_problems") or []:
-        lines.append(f"  config:   {line}")
-    for line in status.get("boot_config_problems") or []:
-        lines.append(f"  boot config not applied: {line}")
     models = status.get("models")
     if models:
         line = f"  models:   {models.get('state')}, current {models.get('current') or 'the [avatar] model'}"
         if models.get("next_check_in_s") is not None:
             line += f", next check in {models['next_check_in_s']:.0f} s"
         lines.append(line)
-        if models.get("problem"):
-            lines.append(f"  update problem: {models['problem']}")
+    for problem in status.get("problems") or []:
+        label = _PROBLEM_LABELS.get(problem.get("kind", ""), "problem:  ")
+        lines.append(f"  {label}{problem.get('line')}")
     return "\n".join(lines)
+
+
+# how `appliance status` introduces each kind of problem
+_PROBLEM_LABELS = {
+    "config": "config:   ",
+    "boot-config": "boot config not applied: ",
+    "updates": "update problem: ",
+    "devices": "device:   ",
+}
 
 
 class HealthServer:
@@ -155,6 +161,7 @@ def prometheus_text(status: dict[str, Any]) -> str:
         ("appliance_model_update_problem", "gauge", "1 while the last model update round failed",
          int(bool((status.get("models") or {}).get("problem")))),
     ]
+    problems = status.get("problems") or []
     lines = []
     for name, kind, help_text, value in metrics:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
@@ -162,4 +169,9 @@ def prometheus_text(status: dict[str, Any]) -> str:
     lines += ["# HELP appliance_renderer_state the renderer's state (1 for the current one)",
               "# TYPE appliance_renderer_state gauge",
               f'appliance_renderer_state{{state="{state}"}} 1']
+    lines += ["# HELP appliance_problems open problems the operator must act on, by part",
+              "# TYPE appliance_problems gauge"]
+    for kind in KINDS:
+        count = sum(1 for p in problems if p.get("kind") == kind)
+        lines.append(f'appliance_problems{{kind="{kind}"}} {count}')
     return "\n".join(lines) + "\n"

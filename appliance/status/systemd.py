@@ -12,11 +12,16 @@ WatchdogSec fire and restart the service.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
-__all__ = ["Notifier"]
+__all__ = ["Notifier", "Reporter"]
+
+log = logging.getLogger("appliance.supervisor")
 
 
 def _send_datagram(message: str) -> bool:
@@ -76,3 +81,38 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> None:
         """While a model loads (~20 s for bitHuman), ask for more start time."""
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+
+class Reporter:
+    """READY once frames flow; STATUS= as things change; WATCHDOG=1 only while frames advance.
+
+    A model that cannot open is diagnosed, not hung: the service becomes "active" and
+    says why, rather than have systemd restart it in a loop that cannot help.
+    """
+
+    def __init__(self, notifier: Notifier, *, flowing: Callable[[float], bool],
+                 failed: Callable[[], bool], line: Callable[[], str],
+                 watchdog_grace_s: float) -> None:
+        self.notifier = notifier
+        self._flowing, self._failed, self._line = flowing, failed, line
+        self._grace_s = watchdog_grace_s
+        self.ready = False
+
+    def changed(self) -> None:
+        """Something in the status line changed (a state, a problem)."""
+        if self.ready:
+            self.notifier.status(self._line())
+
+    async def run(self) -> None:
+        interval = min(1.0, self.notifier.watchdog_interval_s or 1.0)
+        while True:
+            failed = self._failed()
+            if not self.ready and (self._flowing(1.0) or failed):
+                self.ready = True
+                self.notifier.ready(self._line())
+                log.info("ready: %s", self._line())
+            else:
+                self.notifier.status(self._line())
+            if self.ready and (self._flowing(self._grace_s) or failed):
+                self.notifier.watchdog_ping()
+            await asyncio.sleep(interval)

@@ -1,0 +1,153 @@
+"""The LiveKit Agents avatar protocol, kiosk side: speech in, playback events out.
+
+One conversation agent at a time sends its speech as a byte stream on
+``lk.audio_stream`` (``DataStreamAudioReceiver`` reads it: audio frames, then
+``AudioSegmentEnd``), interrupts with the ``lk.clear_buffer`` RPC, and learns
+from ``lk.playback_started`` / ``lk.playback_finished`` when and where a reply
+was heard. Agents come and go (one per session) while the kiosk stays: when an
+agent leaves, a new receiver waits for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+import numpy as np
+from livekit import rtc
+from livekit.agents.voice.avatar import AudioSegmentEnd, DataStreamAudioReceiver
+
+from appliance.room.publisher import TrackPublisher
+from appliance.runtimes import AUDIO_SAMPLE_RATE, Frame
+from appliance.tasks import stop_tasks
+
+__all__ = ["AgentLink", "SpeechSink"]
+
+log = logging.getLogger("appliance.room")
+
+
+class SpeechSink(Protocol):
+    """Where received speech goes (the active backend)."""
+
+    def push_audio(self, pcm16: bytes, sample_rate: int, last_chunk: bool = False) -> object: ...
+    def flush(self) -> object: ...
+    def interrupt(self) -> object: ...
+
+
+class _Playback:
+    """One spoken reply, to tell the agent when and where playback ended."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.active = False  # a segment has started and not been reported yet
+        self.position_s = 0.0
+        self.started_reported = False
+
+
+class AgentLink:
+    """Serves one agent after another in ``room``; ``run()`` until cancelled."""
+
+    def __init__(self, room: rtc.Room, speech: SpeechSink, publisher: TrackPublisher) -> None:
+        self._room, self._speech, self._publisher = room, speech, publisher
+        self._receiver: DataStreamAudioReceiver | None = None
+        self._playback = _Playback()
+        self.agent_identity: str | None = None  # the agent whose speech we receive
+
+    @property
+    def speaking(self) -> bool:
+        """A reply is being received or played (model swaps wait for this to end)."""
+        return self._playback.active
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._serve_one()
+        finally:
+            self.end_reply()
+
+    async def _serve_one(self) -> None:
+        room = self._room
+        receiver = DataStreamAudioReceiver(room)
+        self._receiver = receiver
+        # start() waits for an agent participant; streams it sends before the handler is
+        # registered are lost, so registration happens as soon as one is present
+        await receiver.start()
+        agent = receiver._remote_participant  # set by start(); no public accessor
+        self.agent_identity = agent.identity if agent else None
+        receiver.on("clear_buffer", self._on_clear_buffer)
+        log.info("agent %s present: speech receiver ready", self.agent_identity,
+                 extra={"agent": self.agent_identity})
+        left = asyncio.Event()
+
+        def on_left(participant: rtc.RemoteParticipant) -> None:
+            if participant.identity == self.agent_identity:
+                left.set()
+
+        room.on("participant_disconnected", on_left)
+        consume = asyncio.create_task(self._receive_speech(receiver), name="room:speech")
+        waiting = asyncio.create_task(left.wait(), name="room:agent-left")
+        try:
+            await asyncio.wait({consume, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if consume.done() and not consume.cancelled() and consume.exception():
+                log.error("speech receiver failed: %r", consume.exception(),
+                          exc_info=consume.exception())
+        finally:
+            room.off("participant_disconnected", on_left)
+            await stop_tasks(consume, waiting)
+            try:
+                await receiver.aclose()
+            except Exception as exc:
+                log.debug("closing the speech receiver: %r", exc)
+            room.unregister_byte_stream_handler("lk.audio_stream")
+            self._receiver = None
+        log.info("agent %s left", self.agent_identity, extra={"agent": self.agent_identity})
+        self.agent_identity = None
+        self.end_reply()
+
+    def end_reply(self) -> None:
+        """The agent or the room went away mid-reply: the rest of it is not played."""
+        if self._playback.active:
+            self._playback.reset()
+            self._speech.interrupt()
+
+    async def _receive_speech(self, receiver: DataStreamAudioReceiver) -> None:
+        async for item in receiver:
+            if isinstance(item, AudioSegmentEnd):
+                self._speech.flush()
+                continue
+            if not self._playback.active:
+                self._playback.reset()
+                self._playback.active = True
+            pcm = np.frombuffer(item.data, dtype=np.int16)
+            if item.num_channels > 1:
+                pcm = pcm.reshape(-1, item.num_channels).mean(axis=1).astype(np.int16)
+            self._speech.push_audio(pcm.tobytes(), item.sample_rate)
+
+    def _on_clear_buffer(self) -> None:
+        """Barge-in: silence now. The backend drops the speech it has queued or already
+        rendered; the publisher drops the voice queued for the wire."""
+        self._speech.interrupt()
+        unplayed = self._publisher.clear()
+        if self._playback.active and self._receiver is not None:
+            heard = max(0.0, self._playback.position_s - unplayed)
+            log.info("interrupted by the agent after %.2f s", heard)
+            self._receiver.notify_playback_finished(heard, interrupted=True)
+        self._playback.reset()
+
+    def track(self, frame: Frame) -> None:
+        """A frame was published: report playback started / finished to the agent."""
+        playback, receiver = self._playback, self._receiver
+        if not playback.active or receiver is None:
+            return
+        if frame.speaking:
+            if not playback.started_reported:
+                playback.started_reported = True
+                receiver.notify_playback_started()
+            playback.position_s += len(frame.audio) / AUDIO_SAMPLE_RATE
+        if frame.end_of_speech:
+            log.info("playback finished after %.2f s", playback.position_s)
+            receiver.notify_playback_finished(playback.position_s, interrupted=False)
+            playback.reset()
