@@ -202,7 +202,7 @@ def _signal_daemon(config: Config) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from appliance.models import manifest
-    from appliance.models import store as models
+    from appliance.models import updater as models
 
     action = args.action
     if action == "keygen":

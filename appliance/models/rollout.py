@@ -33,14 +33,8 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.models.manifest import UpdateError, parse_public_key, store_failure
-from appliance.models.store import (
-    ModelEntry,
-    ModelStore,
-    Outcome,
-    Updater,
-    UpdaterSettings,
-    in_window,
-)
+from appliance.models.store import ModelEntry, ModelStore
+from appliance.models.updater import Outcome, Updater, UpdaterSettings, in_window
 from appliance.retry import Backoff
 from appliance.status.problems import ProblemOwner
 

@@ -40,9 +40,8 @@ from appliance.models.manifest import (
     publish,
     sha256_file,
 )
-from appliance.models.store import (
-    FsOps,
-    ModelStore,
+from appliance.models.store import FsOps, ModelStore
+from appliance.models.updater import (
     Outcome,
     Updater,
     UpdaterSettings,
@@ -272,7 +271,8 @@ async def test_older_and_incompatible_manifests_are_ignored(server: UpdateServer
 CHILD = """
 import asyncio, sys
 from appliance.models.manifest import parse_public_key
-from appliance.models.store import ModelStore, Updater, UpdaterSettings
+from appliance.models.store import ModelStore
+from appliance.models.updater import Updater, UpdaterSettings
 store, url, key = sys.argv[1:4]
 up = Updater(ModelStore(store), url, [parse_public_key(key)],
              settings=UpdaterSettings(chunk_kib=16, min_free_mb=0))

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance.config import load_config, parse_layers
 from appliance.models.manifest import TrustedKey, key_id_of, publish
 from appliance.models.rollout import ModelUpdates
-from appliance.models.store import FsOps, ModelEntry, UpdaterSettings, UpdateState
+from appliance.models.store import FsOps, ModelEntry
+from appliance.models.updater import UpdaterSettings, UpdateState
 from appliance.status.server import format_status
 from appliance.supervisor import Supervisor
 
