@@ -151,29 +151,34 @@ class Supervisor:
         self._start_room(self.config)
 
     async def run(self) -> None:
-        status = StatusServer(self.config.status.socket, self.status)
-        try:
-            await status.start()
-        except OSError as exc:
-            log.warning("[status] socket: cannot listen on %s (%s) — `appliance status` will not work",
-                        self.config.status.socket, exc)
-        health = None
-        if self.config.status.http_port:
-            health = HealthServer(self.config.status.http_port, self.status)
-            try:
-                await health.start()
-            except OSError as exc:
-                log.warning("[status] http_port: cannot listen on 127.0.0.1:%d (%s)",
-                            self.config.status.http_port, exc)
-                health = None
+        servers = await self._start_status_servers()
         await self.start()
         self._tasks.spawn(self.reporter.run(), "systemd report")
         await self._stop.wait()
         self.notifier.stopping()
-        await status.close()
-        if health is not None:
-            await health.close()
+        for server in servers:
+            await server.close()
         await self.close()
+
+    async def _start_status_servers(self) -> list[StatusServer | HealthServer]:
+        """`appliance status` on its socket and, if asked for, /healthz and /metrics: a
+        kiosk that cannot serve its status still serves the avatar."""
+        status = self.config.status
+        wanted: list[tuple[StatusServer | HealthServer, str]] = [(
+            StatusServer(status.socket, self.status),
+            f"[status] socket: cannot listen on {status.socket} — `appliance status` will not work",
+        )]
+        if status.http_port:
+            wanted.append((HealthServer(status.http_port, self.status),
+                           f"[status] http_port: cannot listen on 127.0.0.1:{status.http_port}"))
+        started = []
+        for server, failure in wanted:
+            try:
+                await server.start()
+                started.append(server)
+            except OSError as exc:
+                log.warning("%s (%s)", failure, exc)
+        return started
 
     def request_stop(self) -> None:
         self._stop.set()
