@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import queue
@@ -45,10 +46,12 @@ from aiortc import (
     RTCDataChannel,
     RTCIceCandidate,
     RTCPeerConnection,
+    RTCRtpSender,
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
 from aiortc import sdp as aiortc_sdp
+from aiortc.clock import datetime_to_ntp
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
@@ -169,21 +172,23 @@ class FanoutTrack(MediaStreamTrack):
         self.kind = kind
         self._fanout: TrackFanout | None = fanout
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
+        self.arrived_at = 0.0  # wall clock: when the frame last handed out reached the server
 
     def push(self, frame: object) -> None:
         # A slow encoder must not build latency: drop the oldest frame instead.
         if self._queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self._queue.get_nowait()
-        self._queue.put_nowait(frame)
+        self._queue.put_nowait((time.time(), frame))
 
     async def recv(self):  # type: ignore[override]
         if self.readyState != "live":
             raise MediaStreamError
-        frame = await self._queue.get()
+        arrived_at, frame = await self._queue.get()
         if frame is None:
             self.stop()
             raise MediaStreamError
+        self.arrived_at = arrived_at
         return frame
 
     def stop(self) -> None:
@@ -191,6 +196,33 @@ class FanoutTrack(MediaStreamTrack):
         if self._fanout is not None:
             self._fanout.discard(self)
             self._fanout = None
+
+
+class ArrivalClockSender(RTCRtpSender):
+    """A sender whose RTCP sender reports map RTP time to when the frame *reached the
+    server*, not to when aiortc sent it.
+
+    A browser lines up a participant's audio and video (same msid stream) by the NTP
+    times in their sender reports. aiortc stamps them with its send time: the voice,
+    passed through, leaves at once, the picture only after a decode and re-encode, so
+    every picture looked that much younger than its voice, and a browser that synced
+    by them showed the mouth ahead of the voice. livekit-server keeps the publisher's
+    own clock; the arrival time is the closest a re-encoding relay gets to it.
+    Installed with ``sender.__class__ = ArrivalClockSender`` (aiortc makes the sender)."""
+
+    @property
+    def _RTCRtpSender__ntp_timestamp(self) -> int:  # read by aiortc's RTCP loop for the SR
+        arrived = getattr(self, "_sr_arrived_at", 0.0)
+        if arrived:
+            return datetime_to_ntp(datetime.datetime.fromtimestamp(arrived, datetime.UTC))
+        return int(getattr(self, "_sr_sent_ntp", 0))
+
+    @_RTCRtpSender__ntp_timestamp.setter
+    def _RTCRtpSender__ntp_timestamp(self, value: int) -> None:  # aiortc: after each packet
+        self._sr_sent_ntp = value
+        track = self.track
+        self._sr_arrived_at = getattr(track, "arrived_at", 0.0) if track is not None else 0.0
+
 
 
 class TrackFanout:
@@ -363,6 +395,7 @@ class SubscriberPeer(_Peer):
             return
         sink = fanout.subscribe()
         transceiver = self.pc.addTransceiver(sink, direction="sendonly")
+        transceiver.sender.__class__ = ArrivalClockSender
         # The SDK finds participant and publication from the msid: stream id
         # "PA_xxx|camera" (or "PA_xxx|TR_xxx", see room.stream_id), track id = track sid.
         transceiver.sender._stream_id = stream_id
