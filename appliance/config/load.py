@@ -215,7 +215,7 @@ def read_secret_file(reference: str, key: str, origin: str) -> tuple[Secret | No
                              f"secret file {candidate} is readable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
                              f"`chmod 600 {candidate}`")
     try:
-        value = candidate.read_text().strip()
+        value = candidate.read_text(encoding="utf-8-sig").strip()  # Notepad writes a BOM
     except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
         return None, Problem(origin, None, key, f"cannot read secret file {candidate}: {type(exc).__name__}",
                              "make it a readable text file holding only the secret")

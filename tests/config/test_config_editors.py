@@ -107,6 +107,16 @@ def _import(tmp_path: Path, boot_bytes: bytes, etc_bytes: bytes | None = None) -
     return bootconfig.import_boot_config(boot, etc, tmp_path / "no-dropins", tmp_path / "boot-config.toml")
 
 
+def test_a_secret_file_saved_by_notepad_holds_only_the_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "livekit-secret"
+    secret.write_bytes(b"\xef\xbb\xbfthe-secret-0123456789\r\n")  # BOM and CRLF
+    secret.chmod(0o600)
+    conf = tmp_path / "appliance.toml"
+    conf.write_text(f'[livekit]\napi_key = "k"\napi_secret_file = "{secret}"\n')
+    value = load_config([conf]).secret("livekit.api_secret")
+    assert value is not None and value.reveal() == "the-secret-0123456789"
+
+
 def test_boot_import_of_a_notepad_file_is_normalised(tmp_path: Path) -> None:
     result = _import(tmp_path, BOM + '[livekit]\r\nroom = "café"\r\n'.encode())
     assert result.imported, result
