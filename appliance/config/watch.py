@@ -67,7 +67,7 @@ class ConfigWatcher:
         self,
         paths: list[Path],
         dropin_dirs: list[Path],
-        on_change: Callable[[], Any],
+        on_change: Callable[[], None],
         *,
         debounce_s: float = 0.5,
     ) -> None:
@@ -115,9 +115,7 @@ class ConfigWatcher:
 
     def _fire(self) -> None:
         self._timer = None
-        result = self._on_change()
-        if asyncio.iscoroutine(result):
-            asyncio.ensure_future(result)
+        self._on_change()  # the supervisor's request_reload: it owns the reload task
 
     def stop(self) -> None:
         if self._timer is not None:
