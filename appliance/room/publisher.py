@@ -1,11 +1,15 @@
 """The kiosk's two tracks in the room, fed frame by frame: a frame sink.
 
-Audio is the clock. Each frame's audio slice goes into the native
-``rtc.AudioSource``, which releases it to WebRTC in real time from a short
-queue; the frame's picture is handed to the ``rtc.VideoSource`` at the moment
-that slice starts to play out, so picture and voice leave the kiosk together
-(``rtc.AVSynchronizer`` paces video by its own clock, and the voice then lags
-the mouth by whatever audio is queued).
+Picture and voice leave the kiosk together. Each frame's audio slice goes into
+the native ``rtc.AudioSource``, which releases it to WebRTC in real time from a
+short queue (``AUDIO_STEADY_S``, 60 ms); ``rtc.AVSynchronizer`` paces the
+pictures at the frame rate, capturing each one up to a frame after it is
+pushed. So a picture is pushed one frame after its audio (``PICTURE_DELAY``):
+it then leaves 40-80 ms after its audio went into the queue, as its audio does,
+instead of ~60 ms before its voice. (Scheduling each picture for the moment its
+audio plays, measured from the queue, lined them up as well but cost the
+supervisor ~100 MB of resident memory in the benchmark: libwebrtc's frame
+buffers grow when pictures come unevenly.)
 
 The queue is kept short (``AUDIO_QUEUE_MS``) so that an interrupt never waits
 behind buffered speech, and never empty (``AUDIO_STEADY_S`` of silence while
@@ -16,6 +20,7 @@ buffer, and with it the voice's delay, grow for good.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -35,6 +40,9 @@ AUDIO_QUEUE_MS = 100
 # What stays queued while nothing is said, and what a barge-in leaves (as silence): enough
 # to ride out the frame pump's jitter.
 AUDIO_STEADY_S = 0.06
+# Frames a picture waits for its audio: what the audio waits in the queue (AUDIO_STEADY_S),
+# less the synchronizer's own wait (half a frame on average), in whole frames.
+PICTURE_DELAY = 1
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,10 @@ class TrackPublisher:
         self._video_source = rtc.VideoSource(video.width, video.height)
         self._audio_lock = asyncio.Lock()  # the native source refuses a capture while one waits
         self._interrupts = 0  # barge-ins so far: a speech frame on its way when one came is muted
-        self._next_video_at = 0.0  # loop time of the last scheduled picture (kept in order)
-        self._pending_video: set[asyncio.TimerHandle] = set()
+        self._av_sync = rtc.AVSynchronizer(audio_source=self._audio_source,
+                                           video_source=self._video_source,
+                                           video_fps=video.fps, video_queue_size_ms=100)
+        self._held: collections.deque[np.ndarray] = collections.deque()  # pictures waiting
         self._closed = False
         self._tasks = TaskOwner("room", log)
         self.frames_published = 0
@@ -78,10 +88,14 @@ class TrackPublisher:
         )
 
     async def send_frame(self, frame: Frame) -> None:
-        """The frame's audio into the queue, its picture out when that audio plays."""
+        """The frame's audio into the queue; the previous frame's picture to the synchronizer."""
         if self._closed:
             return
         interrupts = self._interrupts
+        self._held.append(frame.image)
+        picture = self._held.popleft() if len(self._held) > PICTURE_DELAY else frame.image
+        height, width = picture.shape[:2]
+        await self._av_sync.push(rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, picture.tobytes()))
         audio = frame.audio
         if not frame.speaking:
             audio = self._steady(audio)
@@ -91,25 +105,7 @@ class TrackPublisher:
             if len(audio):
                 await self._audio_source.capture_frame(
                     rtc.AudioFrame(audio.tobytes(), AUDIO_SAMPLE_RATE, 1, len(audio)))
-            # this slice starts to play once the audio queued before it has played
-            starts_in = max(0.0, self._audio_source.queued_duration - len(audio) / AUDIO_SAMPLE_RATE)
-        self._show_at(frame, starts_in)
         self.frames_published += 1
-
-    def _show_at(self, frame: Frame, delay_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        at = max(loop.time() + delay_s, self._next_video_at)  # pictures never overtake
-        self._next_video_at = at
-        height, width = frame.image.shape[:2]
-        picture = rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, frame.image.tobytes())
-
-        def capture() -> None:
-            self._pending_video.discard(handle)
-            if not self._closed:
-                self._video_source.capture_frame(picture)
-
-        handle = loop.call_at(at, capture)
-        self._pending_video.add(handle)
 
     def _steady(self, silence: np.ndarray) -> np.ndarray:
         """Silence, more or less of it: idle frames bring the queued audio back to
@@ -140,10 +136,8 @@ class TrackPublisher:
 
     async def aclose(self) -> None:
         self._closed = True
-        for handle in self._pending_video:
-            handle.cancel()
-        self._pending_video.clear()
         await self._tasks.close()
+        await self._av_sync.aclose()
         for source in (self._audio_source, self._video_source):
             try:
                 await source.aclose()
