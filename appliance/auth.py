@@ -1,9 +1,14 @@
-"""Join tokens for the kiosk's LiveKit identity.
+"""Join tokens for the kiosk's LiveKit identities.
 
 Two sources, chosen by ``[livekit]``: minted here from ``api_key`` and the
-secret in ``api_secret_file`` (identity and room fixed, publish/subscribe/
+secret in ``api_secret_file`` (identity, kind and room fixed, publish/subscribe/
 data grants only, short TTL), or fetched from the operator's ``token_url``.
 A token is reused until 80 % of its life has passed, then refreshed.
+
+The avatar joins with kind **agent**, the way LiveKit Agents' avatar workers do:
+an agent never links to an agent-kind participant as its user, and front ends
+show it as the avatar of the agent named in its ``lk.publish_on_behalf``
+attribute (which it updates itself, so its token may update its own metadata).
 """
 
 from __future__ import annotations
@@ -20,7 +25,27 @@ from livekit import api
 from appliance.config import Config, Secret
 from appliance.errors import OperatorError
 
-__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "tokens_for"]
+__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "Role", "AVATAR", "tokens_for",
+           "PUBLISH_ON_BEHALF", "NO_AGENT_YET"]
+
+# The attribute LiveKit Agents and its front ends read to pair an avatar with its agent.
+PUBLISH_ON_BEHALF = "lk.publish_on_behalf"
+# Its value until a conversation agent joins: no participant has this identity.
+NO_AGENT_YET = "none"
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a participant of the kiosk may be and do in the room."""
+
+    kind: str  # "agent" | "standard"
+    can_subscribe: bool
+    can_update_metadata: bool
+    attributes: tuple[tuple[str, str], ...] = ()
+
+
+AVATAR = Role(kind="agent", can_subscribe=True, can_update_metadata=True,
+              attributes=((PUBLISH_ON_BEHALF, NO_AGENT_YET),))
 
 
 class TokenError(OperatorError):
@@ -62,8 +87,8 @@ class MintedTokens(TokenSource):
         room: str,
         identity: str,
         ttl_s: int,
+        role: Role = AVATAR,
         name: str = "",
-        attributes: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self._api_key = api_key
@@ -71,24 +96,26 @@ class MintedTokens(TokenSource):
         self._room = room
         self._identity = identity
         self._ttl_s = ttl_s
+        self._role = role
         self._name = name or identity
-        self._attributes = attributes or {}
 
     async def _new_token(self) -> tuple[str, float]:
+        role = self._role
         grants = api.VideoGrants(
             room_join=True,
             room=self._room,
             can_publish=True,
-            can_subscribe=True,
+            can_subscribe=role.can_subscribe,
             can_publish_data=True,
-            can_update_own_metadata=False,
+            can_update_own_metadata=role.can_update_metadata,
         )
         token = (
             api.AccessToken(self._api_key, self._api_secret.reveal())
             .with_identity(self._identity)
             .with_name(self._name)
+            .with_kind(role.kind)  # type: ignore[arg-type]  # one of the Literal's values
             .with_grants(grants)
-            .with_attributes(self._attributes)
+            .with_attributes(dict(role.attributes))
             .with_ttl(datetime.timedelta(seconds=self._ttl_s))
             .to_jwt()
         )
@@ -96,17 +123,23 @@ class MintedTokens(TokenSource):
 
 
 class FetchedTokens(TokenSource):
-    """GET ``token_url?room=..&identity=..`` → JSON {"token": "...", "ttl_s"?: n} or a bare JWT."""
+    """GET ``token_url?room=..&identity=..&kind=..`` → JSON {"token": "...", "ttl_s"?: n} or a bare JWT.
 
-    def __init__(self, *, url: str, room: str, identity: str, timeout_s: float = 10.0) -> None:
+    The service should answer a token of that kind for that identity; for ``kind=agent`` (the
+    avatar) with ``canUpdateOwnMetadata``, so the avatar can name the agent it serves."""
+
+    def __init__(self, *, url: str, room: str, identity: str, role: Role = AVATAR,
+                 timeout_s: float = 10.0) -> None:
         super().__init__()
         self._url = url
         self._room = room
         self._identity = identity
+        self._role = role
         self._timeout_s = timeout_s
 
     async def _new_token(self) -> tuple[str, float]:
-        query = urllib.parse.urlencode({"room": self._room, "identity": self._identity})
+        query = urllib.parse.urlencode({"room": self._room, "identity": self._identity,
+                                        "kind": self._role.kind})
         url = f"{self._url}{'&' if '?' in self._url else '?'}{query}"
         try:
             timeout = aiohttp.ClientTimeout(total=self._timeout_s)
@@ -139,11 +172,13 @@ class FetchedTokens(TokenSource):
         return token, ttl_s
 
 
-def tokens_for(config: Config) -> TokenSource:
-    """The kiosk's join tokens as ``[livekit]`` says: fetched from token_url, or minted."""
+def tokens_for(config: Config, role: Role = AVATAR, identity: str = "") -> TokenSource:
+    """Join tokens for ``identity`` (default: the avatar's, ``[livekit] identity``) as
+    ``[livekit]`` says: fetched from token_url, or minted."""
     lk = config.livekit
+    identity = identity or lk.identity
     if lk.token_url:
-        return FetchedTokens(url=lk.token_url, room=lk.room, identity=lk.identity,
+        return FetchedTokens(url=lk.token_url, room=lk.room, identity=identity, role=role,
                              timeout_s=lk.connect_timeout_s)
     secret = config.secret("livekit.api_secret")
     if lk.api_key and lk.api_secret_file and secret is None:
@@ -155,4 +190,4 @@ def tokens_for(config: Config) -> TokenSource:
                          setting="[livekit] api_key / api_secret_file / token_url",
                          fix="set api_key and api_secret_file, or token_url")
     return MintedTokens(api_key=lk.api_key, api_secret=secret, room=lk.room,
-                        identity=lk.identity, ttl_s=lk.token_ttl_s)
+                        identity=identity, ttl_s=lk.token_ttl_s, role=role)

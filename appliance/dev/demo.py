@@ -31,7 +31,9 @@ def make_token(api_key: str, api_secret: str, room: str, identity: str, *, agent
         api.AccessToken(api_key, api_secret)
         .with_identity(identity)
         .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=True,
-                                     can_subscribe=True, can_publish_data=True))
+                                     can_subscribe=True, can_publish_data=True,
+                                     # an agent sets its own lk.agent.state attribute
+                                     can_update_own_metadata=agent))
     )
     if agent:
         token = token.with_kind("agent")

@@ -6,6 +6,12 @@ One conversation agent at a time sends its speech as a byte stream on
 from ``lk.playback_started`` / ``lk.playback_finished`` when and where a reply
 was heard. Agents come and go (one per session) while the kiosk stays: when an
 agent leaves, a new receiver waits for the next one.
+
+The agent served is a *conversation* agent: a participant of kind agent that is
+not itself somebody's avatar (those carry ``lk.publish_on_behalf``). When a newer
+one joins, the kiosk serves it instead (the old one is on its way out). The
+kiosk names the agent it serves in its own ``lk.publish_on_behalf``, so front
+ends show it as that agent's avatar, and takes speech from that agent only.
 """
 
 from __future__ import annotations
@@ -18,13 +24,23 @@ import numpy as np
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, DataStreamAudioReceiver
 
+from appliance.auth import NO_AGENT_YET, PUBLISH_ON_BEHALF
 from appliance.room.publisher import TrackPublisher
 from appliance.runtimes import AUDIO_SAMPLE_RATE, Frame
 from appliance.tasks import stop_tasks
 
-__all__ = ["AgentLink", "SpeechSink"]
+__all__ = ["AgentLink", "SpeechSink", "conversation_agents"]
 
 log = logging.getLogger("appliance.room")
+
+ATTRIBUTE_TIMEOUT_S = 5.0
+
+
+def conversation_agents(room: rtc.Room) -> list[rtc.RemoteParticipant]:
+    """Agent-kind participants that are nobody's avatar, in the order they joined."""
+    return [p for p in room.remote_participants.values()
+            if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+            and PUBLISH_ON_BEHALF not in p.attributes]
 
 
 class SpeechSink(Protocol):
@@ -70,25 +86,31 @@ class AgentLink:
 
     async def _serve_one(self) -> None:
         room = self._room
-        receiver = DataStreamAudioReceiver(room)
+        agent = await self._next_agent()
+        self.agent_identity = agent.identity
+        receiver = DataStreamAudioReceiver(room, sender_identity=agent.identity)
         self._receiver = receiver
-        # start() waits for an agent participant; streams it sends before the handler is
-        # registered are lost, so registration happens as soon as one is present
+        # streams sent before the handler is registered are lost: register before saying
+        # (in the attribute) whose avatar the kiosk is
         await receiver.start()
-        agent = receiver._remote_participant  # set by start(); no public accessor
-        self.agent_identity = agent.identity if agent else None
         receiver.on("clear_buffer", self._on_clear_buffer)
-        log.info("agent %s present: speech receiver ready", self.agent_identity,
-                 extra={"agent": self.agent_identity})
-        left = asyncio.Event()
+        await self._serve_on_behalf_of(agent.identity)
+        log.info("agent %s present: speech receiver ready", agent.identity, extra={"agent": agent.identity})
+        done = asyncio.Event()
 
         def on_left(participant: rtc.RemoteParticipant) -> None:
-            if participant.identity == self.agent_identity:
-                left.set()
+            if participant.identity == agent.identity:
+                done.set()
+
+        def on_joined(participant: rtc.RemoteParticipant) -> None:
+            if participant in conversation_agents(room):
+                log.info("agent %s joined: serving it instead of %s", participant.identity, agent.identity)
+                done.set()
 
         room.on("participant_disconnected", on_left)
+        room.on("participant_connected", on_joined)
         consume = asyncio.create_task(self._receive_speech(receiver), name="room:speech")
-        waiting = asyncio.create_task(left.wait(), name="room:agent-left")
+        waiting = asyncio.create_task(done.wait(), name="room:agent-changed")
         try:
             await asyncio.wait({consume, waiting}, return_when=asyncio.FIRST_COMPLETED)
             if consume.done() and not consume.cancelled() and consume.exception():
@@ -96,6 +118,7 @@ class AgentLink:
                           exc_info=consume.exception())
         finally:
             room.off("participant_disconnected", on_left)
+            room.off("participant_connected", on_joined)
             await stop_tasks(consume, waiting)
             try:
                 await receiver.aclose()
@@ -103,9 +126,40 @@ class AgentLink:
                 log.debug("closing the speech receiver: %r", exc)
             room.unregister_byte_stream_handler("lk.audio_stream")
             self._receiver = None
-        log.info("agent %s left", self.agent_identity, extra={"agent": self.agent_identity})
+        log.info("agent %s no longer served", agent.identity, extra={"agent": agent.identity})
         self.agent_identity = None
         self.end_reply()
+        if not conversation_agents(room):
+            await self._serve_on_behalf_of(NO_AGENT_YET)
+
+    async def _next_agent(self) -> rtc.RemoteParticipant:
+        """The newest conversation agent in the room, once there is one."""
+        joined = asyncio.Event()
+
+        def on_change(*_: object) -> None:
+            joined.set()
+
+        self._room.on("participant_connected", on_change)
+        try:
+            while not (agents := conversation_agents(self._room)):
+                joined.clear()
+                await joined.wait()
+            return agents[-1]
+        finally:
+            self._room.off("participant_connected", on_change)
+
+    async def _serve_on_behalf_of(self, identity: str) -> None:
+        """Say in the kiosk's own attributes whose avatar it is now."""
+        local = self._room.local_participant
+        if local.attributes.get(PUBLISH_ON_BEHALF) == identity:
+            return
+        try:
+            await asyncio.wait_for(local.set_attributes({PUBLISH_ON_BEHALF: identity}), ATTRIBUTE_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # speech still flows; front ends just do not pair us with it
+            log.warning("cannot set %s=%s on the kiosk (%s): the token needs canUpdateOwnMetadata "
+                        "(a token_url must grant it for kind=agent)", PUBLISH_ON_BEHALF, identity, exc)
 
     def end_reply(self) -> None:
         """The agent or the room went away mid-reply: the rest of it is not played."""

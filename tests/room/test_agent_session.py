@@ -1,0 +1,249 @@
+"""An unmodified LiveKit Agents ``AgentSession`` in the kiosk's room.
+
+The session runs the way an agent job runs it: default room options, the avatar
+wired the way every avatar plugin wires it (``session.output.audio =
+DataStreamAudioOutput(room, destination_identity=<kiosk>)``), and small local
+STT/LLM/TTS implementations of the livekit-agents interfaces (the STT reports a
+transcript when the VAD hands it speech and keeps what it heard; the TTS speaks
+the bundled WAV) with silero's VAD. The kiosk (``appliance run``) joins as
+kind agent; the visitor is a standard participant publishing a microphone.
+
+Shown: the session links to the visitor, never to the avatar, and hears the
+visitor's voice; its reply is spoken by the kiosk (a viewer sees the mouth move
+and hears it); the visitor talking over the reply interrupts it (the kiosk gets
+``lk.clear_buffer``); the kiosk names the agent it serves in its
+``lk.publish_on_behalf`` attribute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, APIConnectOptions, llm, stt, tts, utils
+from livekit.agents.voice.avatar import DataStreamAudioOutput
+from livekit.plugins import silero
+
+from appliance.auth import PUBLISH_ON_BEHALF
+from appliance.dev.bench import KioskProcess, write_kiosk_config
+from appliance.dev.demo import Viewer, make_token, read_wav
+from appliance.runtimes.reference import mouth_box_for, mouth_open_fraction
+from appliance.supervisor import bundled_model
+
+KIOSK = "kiosk-session"
+VISITOR = f"{KIOSK}-visitor"
+AGENT = "agent-session"
+ROOM = "lobby"
+REPLY = "Welcome! I am the avatar of this kiosk."
+
+
+class HeardSTT(stt.STT):
+    """Non-streaming STT: each utterance the VAD cuts is 'recognised' and kept."""
+
+    def __init__(self) -> None:
+        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
+        self.utterances: list[np.ndarray] = []  # int16 mono, at the rate heard
+        self.rate = 0
+
+    async def _recognize_impl(self, buffer: utils.AudioBuffer, *, language: object = None,
+                              conn_options: APIConnectOptions | None = None) -> stt.SpeechEvent:
+        frame = rtc.combine_audio_frames(buffer)
+        pcm = np.frombuffer(frame.data, dtype=np.int16).reshape(-1, frame.num_channels)[:, 0]
+        self.utterances.append(pcm.copy())
+        self.rate = frame.sample_rate
+        return stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+                               alternatives=[stt.SpeechData(language="en", text="hello there")])
+
+
+class _ReplyStream(llm.LLMStream):
+    async def _run(self) -> None:
+        self._event_ch.send_nowait(llm.ChatChunk(id="reply", delta=llm.ChoiceDelta(role="assistant", content=REPLY)))
+
+
+class ReplyLLM(llm.LLM):
+    """Answers every turn with the same sentence."""
+
+    def chat(self, *, chat_ctx: llm.ChatContext, tools: list | None = None,  # type: ignore[override]
+             conn_options: APIConnectOptions = APIConnectOptions(), **_: object) -> llm.LLMStream:
+        return _ReplyStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
+
+
+class _WavStream(tts.ChunkedStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        pcm, rate = self._tts.pcm, self._tts.sample_rate  # type: ignore[attr-defined]
+        output_emitter.initialize(request_id="wav", sample_rate=rate, num_channels=1, mime_type="audio/pcm")
+        for start in range(0, len(pcm), rate // 10):
+            output_emitter.push(pcm[start:start + rate // 10].tobytes())
+        output_emitter.flush()
+
+
+class WavTTS(tts.TTS):
+    """Speaks the bundled sentence, twice over (a reply long enough to talk over)."""
+
+    def __init__(self) -> None:
+        pcm, rate = read_wav()
+        super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=rate, num_channels=1)
+        self.pcm = np.concatenate([pcm, pcm])
+
+    def synthesize(self, text: str, *, conn_options: APIConnectOptions = APIConnectOptions()) -> tts.ChunkedStream:
+        return _WavStream(tts=self, input_text=text, conn_options=conn_options)
+
+
+class Visitor:
+    """A person at the kiosk: a standard participant whose microphone plays WAV speech."""
+
+    def __init__(self) -> None:
+        self.room = rtc.Room()
+        self.source = rtc.AudioSource(16000, 1, queue_size_ms=200)
+
+    async def connect(self, url: str, token: str) -> None:
+        await self.room.connect(url, token, rtc.RoomOptions(auto_subscribe=False))
+        track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
+        await self.room.local_participant.publish_track(
+            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+
+    async def say(self, pcm: np.ndarray) -> None:
+        """Speak ``pcm`` (16 kHz) in real time, then keep the line quiet."""
+        for start in range(0, len(pcm), 160):
+            chunk = pcm[start:start + 160]
+            if len(chunk) < 160:
+                chunk = np.pad(chunk, (0, 160 - len(chunk)))
+            await self.source.capture_frame(rtc.AudioFrame(chunk.tobytes(), 16000, 1, 160))
+
+    async def quiet(self, seconds: float) -> None:
+        await self.say(np.zeros(int(16000 * seconds), dtype=np.int16))
+
+
+@pytest.fixture
+async def kiosk(devserver, tmp_path: Path) -> AsyncIterator[KioskProcess]:  # type: ignore[no-untyped-def]
+    config = write_kiosk_config(tmp_path, url=devserver.url, api_key=devserver.api_key,
+                                api_secret=devserver.api_secret, room=ROOM, identity=KIOSK)
+    process = KioskProcess(config, tmp_path / "kiosk.log")
+    process.start()
+    try:
+        await process.async_wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0, 60, "went live")
+        yield process
+    finally:
+        code = await asyncio.to_thread(process.stop)
+        assert code == 0, f"kiosk did not stop cleanly ({code}):\n{process.log()[-3000:]}"
+
+
+def _visitor_speech() -> np.ndarray:
+    pcm, rate = read_wav()
+    assert rate == 16000
+    return pcm
+
+
+def _envelope(x: np.ndarray, rate: int = 16000) -> np.ndarray:
+    """RMS per 10 ms."""
+    n = rate // 100
+    x = x[: len(x) // n * n].astype(np.float64).reshape(-1, n)
+    return np.sqrt((x**2).mean(axis=1))
+
+
+def _voiced_s(pcm: np.ndarray, rate: int) -> float:
+    """Seconds of 10 ms slices louder than a tenth of the loudest."""
+    envelope = _envelope(pcm, rate)
+    return float((envelope > 0.1 * envelope.max()).sum()) / 100
+
+
+async def test_an_unmodified_agent_session_links_to_the_visitor_and_speaks_through_the_kiosk(
+    devserver, kiosk: KioskProcess, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    key, secret = devserver.api_key, devserver.api_secret
+    visitor = Visitor()
+    await visitor.connect(devserver.url, make_token(key, secret, ROOM, VISITOR))
+    kiosk_seen = visitor.room.remote_participants[KIOSK]
+    assert kiosk_seen.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT, "the avatar must join as kind agent"
+    assert kiosk_seen.attributes.get(PUBLISH_ON_BEHALF) == "none", kiosk_seen.attributes
+
+    viewer = Viewer(KIOSK)
+    agent_room = rtc.Room()
+    await agent_room.connect(devserver.url, make_token(key, secret, ROOM, AGENT, agent=True))
+    heard = HeardSTT()
+    session = AgentSession(stt=heard, llm=ReplyLLM(), tts=WavTTS(), vad=silero.VAD.load())
+    states: list[str] = []
+    session.on("agent_state_changed", lambda ev: states.append(ev.new_state))
+    # what every avatar plugin does: the session's voice goes to the avatar, not into the room
+    session.output.audio = DataStreamAudioOutput(agent_room, destination_identity=KIOSK,
+                                                 wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+    try:
+        await session.start(agent=Agent(instructions="greet the visitor"), room=agent_room)
+        linked = await _wait(lambda: session.room_io.linked_participant, 10, "the session linked a participant")
+        assert linked.identity == VISITOR, f"the agent linked {linked.identity}, not the visitor"
+        await _wait(lambda: kiosk_seen.attributes.get(PUBLISH_ON_BEHALF) == AGENT or None, 10,
+                    f"the kiosk named {AGENT} in {PUBLISH_ON_BEHALF}")
+        # a viewer is a standard participant too: one that joins before the agent links may be
+        # taken for the user (viewers of a kiosk's room should join hidden)
+        await viewer.connect(devserver.url, make_token(key, secret, ROOM, "viewer"))
+        await asyncio.wait_for(viewer.video_started.wait(), 10)
+
+        # the visitor speaks; the agent hears them and answers through the kiosk
+        spoken = _visitor_speech()
+        said_at = time.monotonic()
+        await visitor.say(spoken)
+        await visitor.quiet(1.0)
+        await _wait(lambda: heard.utterances or None, 15, "the STT heard the visitor")
+        # (the receiver's jitter buffer stretches speech on a busy machine: compare voiced time)
+        voiced = sum(_voiced_s(u, heard.rate) for u in heard.utterances)
+        print(f"\nagent heard {[round(len(u) / heard.rate, 2) for u in heard.utterances]} s at {heard.rate} Hz "
+              f"from {linked.identity}: {voiced:.2f} s voiced, the visitor spoke {_voiced_s(spoken, 16000):.2f} s")
+        assert 0.6 < voiced / _voiced_s(spoken, 16000) < 1.6, "the agent did not hear the visitor's speech"
+
+        await _wait(lambda: "speaking" in states or None, 20, "the agent started its reply")
+        reply_at = await _wait(lambda: _loud_since(viewer, said_at + len(spoken) / 16000), 20,
+                               "the viewer heard the kiosk speak the reply")
+        await asyncio.sleep(2.0)
+        box = mouth_box_for(bundled_model(), 512, 512)
+        mouth = [mouth_open_fraction(f.image, _scaled(box, f.image.shape[1])) for f in viewer.frames
+                 if f.at >= reply_at]
+        voice = [a for a, t in zip(viewer.audio, viewer.audio_times, strict=True) if t >= reply_at]
+        rms = float(np.sqrt(np.mean(np.concatenate(voice).astype(np.float64) ** 2))) if voice else 0.0
+        quiet = [mouth_open_fraction(f.image, _scaled(box, f.image.shape[1])) for f in viewer.frames
+                 if said_at - 3 <= f.at < said_at]
+        print(f"viewer during the reply: mouth open {np.mean(mouth):.3f} (before {np.mean(quiet):.3f}), "
+              f"audio rms {rms:.0f}")
+        assert np.mean(mouth) > 2 * np.mean(quiet) + 0.01, "the kiosk's mouth did not move with the reply"
+        assert rms > 300, "the viewer did not hear the kiosk speak the reply"
+
+        # the visitor talks over the avatar: the session interrupts it through the kiosk
+        interrupts_before = kiosk.log().count("interrupted by the agent")
+        await visitor.say(spoken[: 16000 * 2])
+        await visitor.quiet(0.5)
+        await _wait(lambda: kiosk.log().count("interrupted by the agent") > interrupts_before or None, 15,
+                    "the kiosk got lk.clear_buffer when the visitor talked over it")
+    finally:
+        await session.aclose()
+        await agent_room.disconnect()
+        await visitor.room.disconnect()
+        await viewer.close()
+    await _wait(lambda: kiosk_seen.attributes.get(PUBLISH_ON_BEHALF) == "none" or None, 10,
+                "the kiosk went back to the placeholder when the agent left")
+
+
+def _loud_since(viewer: Viewer, since: float) -> float | None:
+    """When the viewer first heard the kiosk's voice after ``since`` (monotonic), if it has."""
+    for chunk, at in zip(viewer.audio, viewer.audio_times, strict=True):
+        if at >= since and np.sqrt(np.mean(chunk.astype(np.float64) ** 2)) > 500:
+            return at
+    return None
+
+
+def _scaled(box: tuple[int, int, int, int], width: int) -> tuple[int, int, int, int]:
+    scale = width / 512
+    return (int(box[0] * scale), int(box[1] * scale), int(box[2] * scale) + 1, int(box[3] * scale) + 1)
+
+
+async def _wait(probe, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting until {what}")
