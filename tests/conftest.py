@@ -117,12 +117,14 @@ def make_token() -> Callable[..., str]:
         metadata: str = "",
         secret: str = DEV_API_SECRET,
         key: str = DEV_API_KEY,
+        hidden: bool = False,
     ) -> str:
         token = (
             api.AccessToken(key, secret)
             .with_identity(identity)
             .with_name(name or identity)
-            .with_grants(api.VideoGrants(room_join=True, room=room, can_update_own_metadata=True))
+            .with_grants(api.VideoGrants(room_join=True, room=room, can_update_own_metadata=True,
+                                         hidden=hidden))
         )
         if kind:
             token = token.with_kind(kind)  # type: ignore[arg-type]

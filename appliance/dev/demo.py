@@ -26,14 +26,15 @@ __all__ = ["AgentVoice", "Viewer", "AudioReceiveStats", "ReceivedFrame", "make_t
 log = logging.getLogger("appliance.dev.demo")
 
 
-def make_token(api_key: str, api_secret: str, room: str, identity: str, *, agent: bool = False) -> str:
+def make_token(api_key: str, api_secret: str, room: str, identity: str, *, agent: bool = False,
+               hidden: bool = False) -> str:
     token = (
         api.AccessToken(api_key, api_secret)
         .with_identity(identity)
         .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=True,
                                      can_subscribe=True, can_publish_data=True,
                                      # an agent sets its own lk.agent.state attribute
-                                     can_update_own_metadata=agent))
+                                     can_update_own_metadata=agent, hidden=hidden))
     )
     if agent:
         token = token.with_kind("agent")

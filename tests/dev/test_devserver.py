@@ -201,6 +201,19 @@ async def test_join_shows_kind_attributes_and_updates(devserver: DevServer, make
         await until(lambda: devserver.participants(DEV_ROOM) == ["kiosk"], what="agent gone")
 
 
+async def test_a_hidden_participant_is_seen_by_nobody(devserver: DevServer, make_token) -> None:
+    """As livekit-server: a hidden watcher (a viewer page) is not announced, so an agent
+    looking for its user cannot take it for one."""
+    async with connected(devserver.url, make_token("visitor")) as visitor:
+        async with connected(devserver.url, make_token("watcher", hidden=True)) as watcher:
+            assert "visitor" in watcher.remote_participants
+            async with connected(devserver.url, make_token("agent-1", kind="agent")) as agent:
+                await asyncio.sleep(0.5)
+                assert sorted(agent.remote_participants) == ["visitor"]
+                assert "watcher" not in visitor.remote_participants
+                assert "agent-1" in watcher.remote_participants  # a hidden watcher still sees
+
+
 async def test_wrong_secret_is_refused_with_a_clear_error(signal_host: str, make_token) -> None:
     async with DevServer(signal_host, 0, DEV_API_KEY, DEV_API_SECRET) as devserver:
         await _check_wrong_secret(devserver, make_token)

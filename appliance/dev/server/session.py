@@ -86,12 +86,12 @@ class ParticipantSession:
                 return
 
     def broadcast_update(self, *participants: Participant) -> None:
-        """Tell everyone in the room (the participants themselves included)."""
-        infos = [p.info() for p in participants]
-        update = rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=infos))
+        """Tell everyone in the room (the participants themselves included); a hidden
+        participant is news to itself only, as in livekit-server."""
         for p in self.room.participants.values():
-            if p.session is not None:
-                p.session.send(update)
+            infos = [q.info() for q in participants if q is p or not q.grant.hidden]
+            if p.session is not None and infos:
+                p.session.send(rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=infos)))
 
     def _send_offer(self, sdp: str, offer_id: int) -> None:
         self.send(
@@ -156,7 +156,7 @@ class ParticipantSession:
                 join=rtc.JoinResponse(
                     room=room.info(),
                     participant=p.info(),
-                    other_participants=[o.info() for o in others],
+                    other_participants=[o.info() for o in others if not o.grant.hidden],
                     server_version=SERVER_VERSION,
                     server_info=models.ServerInfo(
                         edition=models.ServerInfo.Edition.Standard,
@@ -182,7 +182,7 @@ class ParticipantSession:
                     )
         self.subscriber.start()
         for other in others:
-            if other.session is not None:
+            if other.session is not None and not p.grant.hidden:
                 other.session.send(
                     rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=[p.info()]))
                 )
@@ -205,7 +205,8 @@ class ParticipantSession:
             )
             for other in list(room.participants.values()):
                 if other.session is not None:
-                    other.session.send(gone)
+                    if not p.grant.hidden:
+                        other.session.send(gone)
                     for track_sid in p.tracks:
                         await other.session.subscriber.remove_track(track_sid)
             self.server._room_emptied(room)

@@ -45,7 +45,8 @@ def viewer_token(api_key: str, api_secret: str, room: str) -> str:
     """A token that may watch `room` and nothing else (no publishing, no data)."""
     identity = f"viewer-{secrets.token_hex(4)}"
     grants = api.VideoGrants(
-        room_join=True, room=room, can_subscribe=True, can_publish=False, can_publish_data=False
+        room_join=True, room=room, can_subscribe=True, can_publish=False, can_publish_data=False,
+        hidden=True,  # a watcher, not a user: an agent must not link to it
     )
     token = api.AccessToken(api_key, api_secret).with_identity(identity).with_grants(grants)
     return token.with_ttl(datetime.timedelta(seconds=VIEWER_TOKEN_TTL_S)).to_jwt()
