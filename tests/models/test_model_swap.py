@@ -111,7 +111,10 @@ async def test_swap_in_a_live_room(devserver, updating_kiosk) -> None:  # type: 
     # the store switches at once; the daemon then warms model 1 and swaps to it
     await kiosk.async_wait_for(lambda s: _current(s) == "1" and "lobby-host-1" in (s["model"] or ""), 30,
                                "rolled back to model 1")
-    await asyncio.sleep(1.0)
-    assert np.abs(_background(viewer.frames[-1].image) - background_a).max() < 12
+    # the viewer shows model 1 again (a busy machine may take a few seconds to get the frames out)
+    deadline = time.monotonic() + 10
+    while np.abs(_background(viewer.frames[-1].image) - background_a).max() >= 12:
+        assert time.monotonic() < deadline, (_background(viewer.frames[-1].image), background_a)
+        await asyncio.sleep(0.2)
     print(f"max frame interval around the rollback: {viewer.max_interval_ms(rollback_start, time.monotonic()):.0f} ms")
     await viewer.close()

@@ -113,7 +113,8 @@ warmup_timeout_s = 5.0
     async def refused(self, *needles: str) -> str:
         """Check now; the round fails, saying all of ``needles``; the task lives on."""
         await self.round_ends(f"a problem with {needles}",
-                              lambda: all(n in self.updates.problem for n in needles))
+                              lambda: self.updates.updater.state is UpdateState.FAILED
+                              and all(n in self.updates.problem for n in needles))
         assert not self.task.done(), self.task
         assert self.updates.updater.state is UpdateState.FAILED
         status = self.updates.status()
