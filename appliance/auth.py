@@ -139,11 +139,15 @@ class FetchedTokens(TokenSource):
         return token, ttl_s
 
 
-def tokens_for(config: Config) -> TokenSource:
-    """The kiosk's join tokens as ``[livekit]`` says: fetched from token_url, or minted."""
+def tokens_for(config: Config, identity: str | None = None) -> TokenSource:
+    """The kiosk's join tokens as ``[livekit]`` says: fetched from token_url, or minted.
+
+    ``identity``: another participant of this kiosk (the visitor), with the same
+    credentials; default the avatar's ``[livekit] identity``."""
     lk = config.livekit
+    identity = identity or lk.identity
     if lk.token_url:
-        return FetchedTokens(url=lk.token_url, room=lk.room, identity=lk.identity,
+        return FetchedTokens(url=lk.token_url, room=lk.room, identity=identity,
                              timeout_s=lk.connect_timeout_s)
     secret = config.secret("livekit.api_secret")
     if lk.api_key and lk.api_secret_file and secret is None:
@@ -155,4 +159,4 @@ def tokens_for(config: Config) -> TokenSource:
                          setting="[livekit] api_key / api_secret_file / token_url",
                          fix="set api_key and api_secret_file, or token_url")
     return MintedTokens(api_key=lk.api_key, api_secret=secret, room=lk.room,
-                        identity=lk.identity, ttl_s=lk.token_ttl_s)
+                        identity=identity, ttl_s=lk.token_ttl_s)
