@@ -54,6 +54,12 @@ log = logging.getLogger("appliance.audio")
 SILENT_S = 5.0  # no status from the child for this long: it is hung
 HEALTHY_S = 30.0  # a child that ran this long starts the backoff over
 MAX_QUEUED_BYTES = 64 * 1024  # ~2 s of audio waiting for a stuck child: drop instead
+# The speaker and the microphone are real time: on a busy 2-core board a late read is a gap
+# the visitor hears and a wrong echo path. The whole child runs SCHED_RR (its threads share
+# one GIL, so real-time I/O threads alone would wait for an ordinary one: priority inversion);
+# it needs ~5 % of a core, and the kernel keeps 5 % of every second for ordinary tasks.
+# Its threads inherit the policy: it is set before the child starts any.
+AUDIO_RT_PRIORITY = 10
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,10 @@ class AudioLink:
             self._proc = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
         finally:
             child_sock.close()
+        try:  # needs CAP_SYS_NICE (the service runs as root); else ordinary scheduling
+            os.sched_setscheduler(self._proc.pid, os.SCHED_RR, os.sched_param(AUDIO_RT_PRIORITY))
+        except OSError as exc:
+            log.debug("audio child: no real-time scheduling (%s)", exc)
         proc = self._proc
         self._fresh = True
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
