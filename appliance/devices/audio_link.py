@@ -273,4 +273,5 @@ class AudioLink:
             "speaker_device": child.get("speaker"),
             "microphone_device": microphone,
             "cpu_s": child.get("cpu_s"),
+            "attempts": child.get("attempts") or {},  # failed opens per device setting
         }

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -196,3 +198,53 @@ async def test_the_visitor_is_heard_the_avatar_is_not(devserver: Any, tmp_path: 
     assert double_env >= 0.5
     assert suppression >= 20.0
     assert echo_env < 0.3
+
+
+async def test_a_missing_microphone_and_a_killed_audio_child_never_stop_the_room(
+        devserver: Any, tmp_path: Path) -> None:
+    """Bad input (a microphone that does not exist) is one line naming the setting and the fix,
+    retried with backoff; kill -9 of the audio child restarts it; the room's video never stops."""
+    from appliance.status.server import format_status, prometheus_text
+
+    kiosk = await _start_kiosk(devserver, tmp_path, 'speaker = "kiosk_speaker"\nmicrophone = "no-such-mic"')
+    async with _running(kiosk, devserver):
+        status = await kiosk.async_wait_for(
+            lambda s: s["room"]["state"] == "live" and any(p["kind"] == "audio" for p in s["problems"])
+            and (s["audio"]["visitor"] or {}).get("state") == "live", 60, "reported the microphone")
+        problem = next(p for p in status["problems"] if p["kind"] == "audio")
+        print(f"\nproblem: {problem['line']}")
+        assert problem["setting"] == "[audio] microphone"
+        assert "no-such-mic" in problem["line"] and problem["fix"] and "\n" not in problem["line"]
+        assert status["audio"]["microphone"] == "unavailable"
+        text = format_status(status)
+        assert "visitor:  kiosk-av-visitor: live" in text and "mic:      unavailable" in text, text
+        assert "echo canceller: echo_cancellation, noise_suppression" in text, text
+        metrics = prometheus_text(status)
+        assert "appliance_visitor_connected 1" in metrics and "appliance_microphone_live 0" in metrics
+        # retried with backoff (1 s, 2 s, ...): more attempts come, not one per status tick
+        attempts = lambda s: (s["audio"].get("attempts") or {}).get("[audio] microphone", 0)  # noqa: E731
+        first = attempts(status)
+        status = await kiosk.async_wait_for(lambda s: attempts(s) >= first + 2, 30, "retried the microphone")
+        assert attempts(status) <= first + 4  # backoff: not a busy loop
+
+        # kill -9: restarted, and the room publishes video throughout
+        pid = status["audio"]["pid"]
+        published = status["room"]["frames_published"]
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        status = await kiosk.async_wait_for(
+            lambda s: s["audio"]["restarts"] >= 1 and s["audio"]["state"] == "running"
+            and s["audio"]["pid"] not in (None, pid) and (s["audio"]["visitor"] or {}).get("state") == "live",
+            30, "restarted the audio child")
+        back_s = time.monotonic() - killed_at
+        await asyncio.sleep(max(0.0, killed_at + 3.0 - time.monotonic()))
+        status = kiosk.status()
+        elapsed = time.monotonic() - killed_at
+        frames = status["room"]["frames_published"] - published
+        print(f"audio child back (visitor live) {back_s:.1f} s after SIGKILL; {frames} frames published "
+              f"meanwhile ({frames / elapsed:.1f} fps); last exit: {status['audio']['last_exit']}")
+        assert "SIGKILL" in status["audio"]["last_exit"]
+        assert frames >= 25 * elapsed * 0.7, "the room stopped publishing while the child was down"
+        assert status["room"]["state"] == "live"
+        assert any(p["setting"] == "[audio] microphone" for p in status["problems"])  # the new child
+        assert "audio child: child killed by SIGKILL" in kiosk.log()
