@@ -46,6 +46,7 @@ from appliance.devices.audio_protocol import (
     encode,
     read_message,
 )
+from appliance.renderer.child import die_with_parent
 from appliance.renderer.protocol import Message
 from appliance.retry import Backoff
 from appliance.runtimes import AUDIO_SAMPLE_RATE
@@ -286,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="appliance.devices.audio_child")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)  # a supervisor killed outright takes its audio with it
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="audio-child %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # the parent asks for stacks before a kill

@@ -97,6 +97,7 @@ class AudioLink:
         self._stopping = False
         self._device_problems: list[dict[str, str]] = []
         self._fresh = True  # the first status of a new child replaces the restart problem
+        self._said_no_rt = False
 
     @property
     def pid(self) -> int | None:
@@ -157,7 +158,7 @@ class AudioLink:
     async def _run_child(self) -> str:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-P", "-m", "appliance.devices.audio_child",
-                "--fd", str(child_sock.fileno()),
+                "--fd", str(child_sock.fileno()), "--parent-pid", str(os.getpid()),
                 "--log-level", logging.getLevelName(logging.getLogger("appliance").getEffectiveLevel())]
         try:
             self._proc = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
@@ -165,8 +166,10 @@ class AudioLink:
             child_sock.close()
         try:  # needs CAP_SYS_NICE (the service runs as root); else ordinary scheduling
             os.sched_setscheduler(self._proc.pid, os.SCHED_RR, os.sched_param(AUDIO_RT_PRIORITY))
-        except OSError as exc:
-            log.debug("audio child: no real-time scheduling (%s)", exc)
+        except OSError as exc:  # e.g. the unit's RestrictRealtime=yes
+            if not self._said_no_rt:
+                log.info("audio child: ordinary scheduling, not SCHED_RR (%s)", exc)
+                self._said_no_rt = True
         proc = self._proc
         self._fresh = True
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
