@@ -25,7 +25,8 @@ from livekit import api
 from appliance.config import Config, Secret
 from appliance.errors import OperatorError
 
-__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "Role", "AVATAR", "tokens_for",
+__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "Role", "AVATAR", "VISITOR",
+           "tokens_for",
            "PUBLISH_ON_BEHALF", "NO_AGENT_YET"]
 
 # The attribute LiveKit Agents and its front ends read to pair an avatar with its agent.
@@ -46,6 +47,9 @@ class Role:
 
 AVATAR = Role(kind="agent", can_subscribe=True, can_update_metadata=True,
               attributes=((PUBLISH_ON_BEHALF, NO_AGENT_YET),))
+# The visitor's microphone: the one standard participant, the user an agent links to; it
+# listens to nothing.
+VISITOR = Role(kind="standard", can_subscribe=False, can_update_metadata=False)
 
 
 class TokenError(OperatorError):
@@ -173,7 +177,8 @@ class FetchedTokens(TokenSource):
 
 
 def tokens_for(config: Config, role: Role = AVATAR, identity: str = "") -> TokenSource:
-    """Join tokens for ``identity`` (default: the avatar's, ``[livekit] identity``) as
+    """Join tokens for one of the kiosk's participants (default the avatar, ``[livekit]
+    identity``; the visitor with ``VISITOR`` and its identity), with the same credentials, as
     ``[livekit]`` says: fetched from token_url, or minted."""
     lk = config.livekit
     identity = identity or lk.identity

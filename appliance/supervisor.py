@@ -1,7 +1,8 @@
 """The supervisor: wires the parts together, applies reloads, owns their tasks.
 
     backend (local renderer) ──frames──► FrameFanout ──┬─► KioskRoom (LiveKit tracks)
-          ▲                                            └─► Devices (speaker)
+          ▲                                            └─► AudioLink ─► audio child (speaker, mic +
+          │                                                 echo canceller, the visitor participant)
           └──────── speech (push_audio/flush/interrupt) ◄── agent, through the room
 
 The backend is started first and kept warm whatever the network does: the room
@@ -21,12 +22,13 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
-from appliance.auth import TokenError, tokens_for
+from appliance.auth import VISITOR, TokenError, tokens_for
 from appliance.backends.local import LocalBackend
 from appliance.config import Config, ConfigError, Problem, restart_only_keys, save_last_good
 from appliance.config.boot import refused_import
 from appliance.config.watch import diff_configs
 from appliance.devices import Devices
+from appliance.devices.audio_link import AudioLink, AudioSettings
 from appliance.devices.gpio import LedState
 from appliance.media import FpsMeter, FrameFanout
 from appliance.models.manifest import UpdateError
@@ -89,7 +91,10 @@ class Supervisor:
                                     on_state=self._status_changed)
         self.room: KioskRoom | None = None
         self.updates: ModelUpdates | None = None
-        self.devices: Devices | None = None  # speaker, GPIO sensors and LED (optional hardware)
+        self.devices: Devices | None = None  # GPIO sensors and LED (optional hardware)
+        self.audio: AudioLink | None = None  # the audio child: speaker, microphone, visitor
+        self._audio_task: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
         self.last_presence: float | None = None  # monotonic time of the last motion/button event
         self.last_reload = ""
         self.reporter = Reporter(notifier or Notifier(), flowing=self.frames_flowing,
@@ -146,6 +151,7 @@ class Supervisor:
         self.problems.owner("boot-config").replace(refused_import())
         self._tasks.spawn(self.fanout.run(), "frame fan-out")
         await self._open_devices(self.config)
+        self._start_audio(self.config)
         entry = self._start_updates(self.config)
         await self.backend.start(renderer_spec(self.config, entry))
         self._start_room(self.config)
@@ -191,6 +197,7 @@ class Supervisor:
         """Leave the room, stop the backend; bounded by the callers' timeout."""
         await self._stop_updates()
         await self._stop_room()
+        await self._stop_audio()
         if self.devices is not None:
             self.devices.set_led(LedState.OFF)
         await self.backend.close()  # its frames end, and with them the fan-out
@@ -200,9 +207,8 @@ class Supervisor:
     # -- parts -------------------------------------------------------------------
 
     async def _open_devices(self, config: Config) -> None:
-        # PortAudio probing can take a second: not on the event loop
-        # the microphone is not published yet (see config.notes): do not capture for nothing
-        audio = dataclasses.replace(config.audio, microphone="")
+        # the speaker and microphone belong to the audio child (audio_link.py): only GPIO here
+        audio = dataclasses.replace(config.audio, speaker="", microphone="")
         devices = await asyncio.to_thread(
             Devices.open, audio, config.gpio, asyncio.get_running_loop(),
             on_motion=self._on_presence, on_button=self._on_presence,
@@ -220,10 +226,49 @@ class Supervisor:
             await asyncio.to_thread(devices.close)
 
     def _on_presence(self, active: bool) -> None:
-        """A visitor moved or pressed the button: recorded and shown in status."""
+        """A visitor moved or pressed the button: recorded, shown in status, and with
+        [audio] mic_when = "presence" the microphone is live until presence_hold_s after it."""
         if active:
             self.last_presence = time.monotonic()
             log.info("visitor presence (motion sensor or button)")
+            if self.audio is not None and self.config.audio.mic_when == "presence":
+                self.audio.set_presence(True)
+                if self._presence_task is not None:
+                    self._presence_task.cancel()
+                self._presence_task = self._tasks.spawn(self._presence_ends(), "presence hold")
+
+    async def _presence_ends(self) -> None:
+        await asyncio.sleep(self.config.audio.presence_hold_s)
+        if self.audio is not None:
+            log.info("no visitor for %.0f s: microphone muted", self.config.audio.presence_hold_s)
+            self.audio.set_presence(False)
+
+    def _start_audio(self, config: Config) -> None:
+        """The audio child: the speaker (replacing the in-process one), the microphone with
+        echo cancellation and the visitor participant. Without a way to get tokens it still
+        plays the speaker; the visitor then stays out (the room's problem says why)."""
+        try:
+            tokens = tokens_for(config, VISITOR, identity=config.visitor_identity)
+        except TokenError:
+            tokens = None
+        lk, audio = config.livekit, config.audio
+        self.audio = AudioLink(
+            AudioSettings(
+                speaker=audio.speaker, microphone=audio.microphone, volume=audio.speaker_volume,
+                echo_cancellation=audio.echo_cancellation, noise_suppression=audio.noise_suppression,
+                mic_when=audio.mic_when, url=lk.url, room=lk.room, identity=config.visitor_identity,
+                connect_timeout_s=lk.connect_timeout_s, retry_max_s=lk.retry_max_s),
+            tokens, self.problems.owner("audio"))
+        self.fanout.add_sink(self.audio)
+        self._audio_task = self._tasks.spawn(self.audio.run(), "audio child")
+
+    async def _stop_audio(self) -> None:
+        audio, task = self.audio, self._audio_task
+        self.audio, self._audio_task = None, None
+        if audio is not None:
+            self.fanout.remove_sink(audio)
+            await audio.close()
+        await self._tasks.stop(task)
 
     def _start_updates(self, config: Config) -> ModelEntry | None:
         """Model updates, when [models] manifest_url is set; returns the store's current model."""
@@ -331,9 +376,12 @@ class Supervisor:
                         ", ".join(restart_only))
         if any(key.startswith("logging.") for key in changed):
             apply_levels(new.logging.level, new.logging.sdk_level)
-        if changed == ["audio.speaker_volume"] and self.devices is not None:
-            self.devices.set_volume(new.audio.speaker_volume)
-        elif any(key.startswith(("audio.", "gpio.")) for key in changed):
+        if changed == ["audio.speaker_volume"] and self.audio is not None:
+            self.audio.set_volume(new.audio.speaker_volume)
+        elif any(key.startswith(("audio.", "visitor.", "livekit.", "secret livekit")) for key in changed):
+            await self._stop_audio()  # the child reopens its devices and rejoins as the visitor
+            self._start_audio(new)
+        if any(key.startswith("gpio.") for key in changed):
             await self._close_devices()
             await self._open_devices(new)
         if any(key.startswith("models.") for key in changed):
@@ -367,7 +415,8 @@ class Supervisor:
 
     def _parts(self) -> Parts:
         return Parts(self.config, self.started_at, self.backend, self.fanout, self.room,
-                     self.updates, self.devices, self.problems, self.last_presence, self.last_reload)
+                     self.updates, self.devices, self.problems, self.last_presence, self.last_reload,
+                     self.audio)
 
     def status_line(self) -> str:
         return status_line(self._parts())

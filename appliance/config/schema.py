@@ -155,8 +155,26 @@ class FallbackSection:
 @dataclass(frozen=True)
 class AudioSection:
     speaker: str = setting("", "play the avatar's voice on this output device (name); empty = off")
-    microphone: str = setting("", "publish this input device (name) in the room; empty = off")
+    microphone: str = setting(
+        "", "the visitor's microphone (PortAudio/ALSA device name, or part of it), published by the "
+        "visitor participant; empty = off")
     speaker_volume: float = setting(1.0, "local speaker gain", min=0.0, max=2.0)
+    echo_cancellation: bool = setting(
+        True, "remove the avatar's voice (played on [audio] speaker) from the microphone")
+    noise_suppression: bool = setting(True, "suppress steady background noise in the microphone")
+    mic_when: str = setting(
+        "always", "when the visitor's microphone track is live: always, or only while a visitor is "
+        "present ([gpio] motion_pin / button_pin); muted otherwise", choices=("always", "presence"))
+    presence_hold_s: float = setting(
+        30.0, "with mic_when = \"presence\": keep the microphone live this long after the last "
+        "motion or button press", min=1, max=3600)
+
+
+@dataclass(frozen=True)
+class VisitorSection:
+    identity: str = setting(
+        "", "the visitor participant's identity (kind standard: it publishes the microphone, "
+        "subscribes to nothing); empty = \"<[livekit] identity>-visitor\"")
 
 
 @dataclass(frozen=True)
@@ -190,6 +208,7 @@ SECTIONS: dict[str, type] = {
     "models": ModelsSection,
     "fallback": FallbackSection,
     "audio": AudioSection,
+    "visitor": VisitorSection,
     "gpio": GpioSection,
     "status": StatusSection,
     "logging": LoggingSection,
@@ -203,6 +222,7 @@ class Config:
     models: ModelsSection = field(default_factory=ModelsSection)
     fallback: FallbackSection = field(default_factory=FallbackSection)
     audio: AudioSection = field(default_factory=AudioSection)
+    visitor: VisitorSection = field(default_factory=VisitorSection)
     gpio: GpioSection = field(default_factory=GpioSection)
     status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -213,6 +233,10 @@ class Config:
 
     def secret(self, name: str) -> Secret | None:
         return self.secrets.get(name)
+
+    @property
+    def visitor_identity(self) -> str:
+        return self.visitor.identity or f"{self.livekit.identity}-visitor"
 
 
 
@@ -280,10 +304,6 @@ def notes(config: Config) -> list[str]:
     if remote:
         out.append(f"[fallback] ladder: {', '.join(remote)} not available in this version "
                    "— the kiosk serves with the local runtime only")
-    if config.audio.microphone:
-        out.append("[audio] microphone: not published in this version — the kiosk publishes the "
-                   "avatar's voice as its microphone track, so the visitor's microphone needs a "
-                   "second participant (and echo cancellation) first")
     return out
 
 

@@ -6,8 +6,11 @@ what a viewer of the room sees. For ``--seconds`` (default 60) it reports:
 
 - fps at the subscriber, p50/p99/max frame interval;
 - CPU seconds per second of the supervisor process (publishing, encoding,
-  protocol: everything except rendering) and of the renderer child;
-- peak RSS of both;
+  protocol: everything except rendering), of the renderer child and of the
+  audio child (speaker, microphone with echo cancellation, the visitor
+  participant publishing it; both devices are ALSA ``file`` PCMs here), and
+  the echo canceller's cost per 10 ms frame;
+- peak RSS of all three;
 - then it SIGKILLs the renderer and reports the gap in frames the subscriber saw;
 - barge-in: ``clear_to_silence_ms`` (p50 and max over ``--interrupts``), from an
   agent's ``clear_buffer()`` to the avatar's voice falling silent at the
@@ -136,10 +139,33 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+# no sound card: the speaker and the microphone are ALSA file PCMs (as in tests/devices)
+BENCH_ASOUNDRC = """\
+pcm.default {{ type null }}
+pcm.bench_speaker {{ type file slave.pcm {{ type null }} file "{dir}/speaker.raw" format "raw" }}
+pcm.bench_mic {{ type file slave.pcm {{ type null }} file "/dev/null" infile "{dir}/mic.raw" format "raw" }}
+"""
+
+
+def _audio_devices(workdir: Path, seconds: float) -> dict[str, str]:
+    """An ALSA config for the audio child and the environment that selects it."""
+    noise = np.random.default_rng(1).standard_normal(int((seconds + 60) * 16000)) * 100
+    (workdir / "mic.raw").write_bytes(noise.astype(np.int16).tobytes())
+    asoundrc = workdir / "asoundrc"
+    asoundrc.write_text(BENCH_ASOUNDRC.format(dir=workdir))
+    return {"ALSA_CONFIG_PATH": str(asoundrc), "JACK_NO_START_SERVER": "1"}
+
+
+def _aec(status: dict[str, Any]) -> tuple[float, int]:
+    aec = (status.get("audio") or {}).get("echo_canceller") or {}
+    return float(aec.get("cost_s") or 0.0), int(aec.get("far_frames", 0)) + int(aec.get("near_frames", 0))
+
+
 async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir: Path,
                 interrupts: int = 12, baseline: bool = True) -> dict[str, float]:
-    config = write_kiosk_config(workdir, url=url, api_key=api_key, api_secret=api_secret)
-    kiosk = KioskProcess(config, workdir / "kiosk.log")
+    config = write_kiosk_config(workdir, url=url, api_key=api_key, api_secret=api_secret,
+                                extra='[audio]\nspeaker = "bench_speaker"\nmicrophone = "bench_mic"\n')
+    kiosk = KioskProcess(config, workdir / "kiosk.log", env=_audio_devices(workdir, seconds))
     kiosk.start()
     try:
         await kiosk.async_wait_for(lambda s: s["room"]["state"] == "live", 60, "went live")
@@ -149,13 +175,18 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
         await asyncio.sleep(3.0)  # let the encoder and the jitter buffers settle
         assert kiosk.proc is not None
         sup_pid, ren_pid = kiosk.proc.pid, kiosk.renderer_pid()
+        status = await kiosk.async_wait_for(lambda s: (s["audio"] or {}).get("pid"), 30, "ran the audio child")
+        audio_pid = int(status["audio"]["pid"])
         start = CpuSample(_cpu(sup_pid), _cpu(ren_pid), time.monotonic())
+        audio_cpu0, (aec_s0, aec_n0) = _cpu(audio_pid), _aec(status)
         t0 = time.monotonic()
-        peak_sup = peak_ren = 0.0
+        peak_sup = peak_ren = peak_audio = 0.0
         while time.monotonic() - t0 < seconds:
             await asyncio.sleep(1.0)
             peak_sup, peak_ren = max(peak_sup, _rss_mb(sup_pid)), max(peak_ren, _rss_mb(ren_pid))
+            peak_audio = max(peak_audio, _rss_mb(audio_pid))
         end = CpuSample(_cpu(sup_pid), _cpu(ren_pid), time.monotonic())
+        audio_cpu1, (aec_s1, aec_n1) = _cpu(audio_pid), _aec(kiosk.status())
         intervals = viewer.intervals_ms(since=t0)
         window = end.at - start.at
         frames_in_window = len([t for t in viewer.frame_times if t0 <= t <= end.at])
@@ -175,8 +206,12 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
             "interval_max_ms": float(np.max(intervals)),
             "supervisor_cpu_s_per_s": (end.supervisor_s - start.supervisor_s) / window,
             "renderer_cpu_s_per_s": (end.renderer_s - start.renderer_s) / window,
+            "audio_child_cpu_s_per_s": (audio_cpu1 - audio_cpu0) / window,
+            # both directions: process_reverse_stream (speaker) and process_stream (microphone)
+            "aec_ms_per_10ms_frame": 1000 * (aec_s1 - aec_s0) / max(1, aec_n1 - aec_n0),
             "supervisor_peak_rss_mb": peak_sup,
             "renderer_peak_rss_mb": peak_ren,
+            "audio_child_peak_rss_mb": peak_audio,
             "gap_after_renderer_sigkill_ms": gap_ms,
         }
         voice = AgentVoice("kiosk")

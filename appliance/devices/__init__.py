@@ -1,5 +1,10 @@
 """The kiosk's local devices behind one facade: speaker, microphone, GPIO.
 
+The running kiosk opens only GPIO here: its speaker and microphone belong to
+the audio child (``audio_link.py``, ``audio_child.py``), beside the echo
+canceller that needs both. The facade still opens them in-process for tools and
+tests that want a plain speaker or microphone.
+
 ``Devices.open`` never raises for a device: each part that cannot be used
 costs one log line (the setting, what is wrong, the fix), is listed in
 ``problems`` for ``appliance status``, and is left out (``speaker`` or
@@ -12,7 +17,7 @@ costs one log line (the setting, what is wrong, the fix), is listed in
     devices.show_state(live=True)              # the LED: on while serving, blinking otherwise
     devices.close()
 
-The parts live in ``audio_devices.py`` (PortAudio) and ``gpio_devices.py`` (gpiozero).
+The parts live in ``audio.py`` (PortAudio) and ``gpio.py`` (gpiozero).
 """
 
 from __future__ import annotations

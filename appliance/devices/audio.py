@@ -428,6 +428,9 @@ class Speaker(_Device):
         self._primed = False
         self._resampler = Resampler(AUDIO_SAMPLE_RATE, stream.rate)
         self._pacer = self._new_pacer(stream)
+        # called on the writer thread with each 16 kHz block as it goes to the device
+        # (the echo canceller's far end); set before audio flows
+        self.on_played: Callable[[np.ndarray], None] | None = None
 
     @classmethod
     def open(cls, name: str, volume: float = 1.0, host: AudioHost | None = None) -> Speaker:
@@ -509,6 +512,8 @@ class Speaker(_Device):
         self._pacer.wait()
         # wait for late audio as long as the device still has some to play, then fill silence
         block = self._take(count, wait_s=max(0.0, self._pacer.ahead() - SPEAKER_MARGIN_S))
+        if self.on_played is not None:
+            self.on_played(_to_int16(block, self.volume))
         out = _to_int16(self._resampler.process(block), self.volume)
         if stream.channels > 1:
             out = np.repeat(out, stream.channels)
@@ -516,6 +521,16 @@ class Speaker(_Device):
         started = time.monotonic()
         stream.stream.write(out.tobytes(), frames, exception_on_underflow=False)
         self._pacer.done(frames, started)
+
+    def delay_s(self) -> float:
+        """How long a block handed to the device now takes to be heard: what the device
+        still holds, at least its reported output latency."""
+        stream = self._stream
+        try:
+            latency = float(stream.stream.get_output_latency()) if stream else 0.0
+        except Exception:
+            latency = 0.0
+        return max(latency, self._pacer.ahead())
 
     def close(self) -> None:
         self._stop.set()
@@ -550,9 +565,12 @@ class Microphone(_Device):
         self._wakeup = asyncio.Event()
         self._closed = False
         self._dropping = 0  # drops in the current episode (logged when it ends)
-        self._pending = np.zeros(0, np.float32)
+        self._pending = np.zeros(0, np.int16)
         self._resampler = Resampler(stream.rate, AUDIO_SAMPLE_RATE)
         self._pacer = _Pacer(stream.rate, stream.period, self._stop)
+        # called on the reader thread with each 16 kHz chunk (any length) and the input
+        # latency in seconds; returns the audio to publish (the echo canceller)
+        self.process: Callable[[np.ndarray, float], np.ndarray] | None = None
 
     @classmethod
     def open(cls, name: str, loop: asyncio.AbstractEventLoop,
@@ -566,7 +584,7 @@ class Microphone(_Device):
     def _opened(self, stream: _Stream) -> None:
         self._resampler = Resampler(stream.rate, AUDIO_SAMPLE_RATE)
         self._pacer = _Pacer(stream.rate, stream.period, self._stop)
-        self._pending = np.zeros(0, np.float32)
+        self._pending = np.zeros(0, np.int16)
 
     def _step(self, stream: _Stream) -> None:
         from livekit import rtc
@@ -578,13 +596,23 @@ class Microphone(_Device):
         samples = np.frombuffer(data, np.int16).astype(np.float32)
         if stream.channels > 1:
             samples = samples.reshape(-1, stream.channels).mean(axis=1)
-        pending = np.concatenate([self._pending, self._resampler.process(samples)])
+        captured = _to_int16(self._resampler.process(samples))
+        if self.process is not None:
+            captured = self.process(captured, self._input_latency(stream))
+        pending = np.concatenate([self._pending, captured])
         size = AUDIO_SAMPLE_RATE * FRAME_MS // 1000
         while len(pending) >= size:
-            chunk, pending = _to_int16(pending[:size]), pending[size:]
+            chunk, pending = pending[:size], pending[size:]
             frame = rtc.AudioFrame(chunk.tobytes(), AUDIO_SAMPLE_RATE, 1, size)
             self._call(self._deliver, frame)
         self._pending = pending
+
+    @staticmethod
+    def _input_latency(stream: _Stream) -> float:
+        try:
+            return float(stream.stream.get_input_latency())
+        except Exception:
+            return 0.0
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more

@@ -38,7 +38,7 @@ from appliance.renderer.protocol import (
 from appliance.renderer.ring import Ring, RingLayout, open_shm, unlink_shm
 from appliance.runtimes import Runtime, RuntimeFailure, create_runtime
 
-__all__ = ["main"]
+__all__ = ["main", "die_with_parent"]
 
 log = logging.getLogger("appliance.renderer.child")
 
@@ -166,7 +166,7 @@ class _Child:
                 log.warning("unexpected message %s", type(msg).__name__)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     # If the supervisor is killed outright, take this child with it (Linux only).
     try:
         import ctypes
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=0)
     p.add_argument("--preload", default="", help="runtime whose imports to load before Init")
     args = p.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     faulthandler.enable(file=sys.stderr, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)

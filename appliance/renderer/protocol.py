@@ -155,12 +155,17 @@ def encode(msg: Message) -> bytes:
     return _PREFIX.pack(3 + len(header) + len(data), msg.tag, len(header)) + header + data
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message | None:
-    """The next message, or None at end of stream (the other side is gone)."""
+async def read_message(reader: asyncio.StreamReader,
+                       kinds: dict[int, type[Message]] | None = None) -> Message | None:
+    """The next message, or None at end of stream (the other side is gone).
+
+    ``kinds`` (tag → class) lets another channel reuse this framing
+    (``devices/audio_protocol.py``); the default is the renderer's."""
+    kinds = _BY_TAG if kinds is None else kinds
     try:
         prefix = await reader.readexactly(_PREFIX.size)
         length, tag, header_len = _PREFIX.unpack(prefix)
-        if length > MAX_MESSAGE or header_len > length - 3 or tag not in _BY_TAG:
+        if length > MAX_MESSAGE or header_len > length - 3 or tag not in kinds:
             raise ValueError(f"bad message prefix: length={length} tag={tag} header={header_len}")
         body = await reader.readexactly(length - 3)
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -168,4 +173,4 @@ async def read_message(reader: asyncio.StreamReader) -> Message | None:
     fields: dict[str, Any] = json.loads(body[:header_len])
     if length - 3 > header_len:
         fields["data"] = body[header_len:]
-    return _BY_TAG[tag](**fields)
+    return kinds[tag](**fields)

@@ -32,7 +32,7 @@ __all__ = ["Problem", "Problems", "ProblemOwner"]
 
 log = logging.getLogger("appliance.status.problems")
 
-KINDS = ("config", "boot-config", "renderer", "room", "devices", "updates")
+KINDS = ("config", "boot-config", "renderer", "room", "devices", "audio", "updates")
 
 
 @dataclass(frozen=True)

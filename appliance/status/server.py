@@ -80,10 +80,32 @@ def format_status(status: dict[str, Any]) -> str:
         if models.get("next_check_in_s") is not None:
             line += f", next check in {models['next_check_in_s']:.0f} s"
         lines.append(line)
+    lines += audio_lines(status.get("audio"))
     for problem in status.get("problems") or []:
         label = _PROBLEM_LABELS.get(problem.get("kind", ""), "problem:  ")
         lines.append(f"  {label}{problem.get('line')}")
     return "\n".join(lines)
+
+
+def audio_lines(audio: dict[str, Any] | None) -> list[str]:
+    """The audio child, the visitor participant, the microphone and the echo canceller."""
+    if not audio:
+        return []
+    visitor = audio.get("visitor") or {}
+    aec = audio.get("echo_canceller") or {}
+    lines = [
+        f"  audio:    child {audio.get('state')} (pid {audio.get('pid')}, {audio.get('restarts')} restarts"
+        + (f", last: {audio['last_exit']}" if audio.get("last_exit") else "") + ")",
+        f"  visitor:  {visitor.get('identity') or '-'}: {visitor.get('state', 'off')}"
+        + (f" ({visitor['reason']})" if visitor.get("reason") else ""),
+        f"  mic:      {audio.get('microphone')} (mic_when = {audio.get('mic_when')})",
+    ]
+    if aec:
+        on = [name for name in ("echo_cancellation", "noise_suppression") if aec.get(name)]
+        lines.append(f"  echo canceller: {', '.join(on) or 'off'}; stream delay {aec.get('stream_delay_ms')} ms,"
+                     f" mic level reduced {aec.get('reduction_db')} dB,"
+                     f" {aec.get('cost_ms_per_frame', 0):.3f} ms per 10 ms frame")
+    return lines
 
 
 # how `appliance status` introduces each kind of problem
@@ -92,6 +114,7 @@ _PROBLEM_LABELS = {
     "boot-config": "boot config not applied: ",
     "updates": "update problem: ",
     "devices": "device:   ",
+    "audio": "audio:    ",
 }
 
 
@@ -161,6 +184,24 @@ def prometheus_text(status: dict[str, Any]) -> str:
         ("appliance_model_update_problem", "gauge", "1 while the last model update round failed",
          int(bool((status.get("models") or {}).get("problem")))),
     ]
+    audio = status.get("audio")
+    if audio:
+        visitor, aec = audio.get("visitor") or {}, audio.get("echo_canceller") or {}
+        metrics += [
+            ("appliance_audio_child_restarts_total", "counter", "audio child restarts", audio["restarts"]),
+            ("appliance_visitor_connected", "gauge", "1 while the visitor participant is in the room",
+             int(visitor.get("state") == "live")),
+            ("appliance_microphone_live", "gauge", "1 while the visitor's microphone track is live (not muted)",
+             int(audio.get("microphone") == "live")),
+            ("appliance_echo_canceller_enabled", "gauge", "1 while echo cancellation runs",
+             int(bool(aec.get("echo_cancellation")))),
+            ("appliance_echo_canceller_delay_ms", "gauge", "stream delay given to the echo canceller",
+             aec.get("stream_delay_ms") or 0),
+            ("appliance_echo_canceller_seconds_total", "counter", "time spent in the echo canceller",
+             aec.get("cost_s") or 0),
+            ("appliance_audio_child_cpu_seconds_total", "counter", "CPU time of the audio child",
+             audio.get("cpu_s") or 0),
+        ]
     problems = status.get("problems") or []
     lines = []
     for name, kind, help_text, value in metrics:

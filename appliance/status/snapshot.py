@@ -19,6 +19,7 @@ from appliance.status.problems import Problems
 if TYPE_CHECKING:
     from appliance.backends.local import LocalBackend
     from appliance.devices import Devices
+    from appliance.devices.audio_link import AudioLink
     from appliance.media import FrameFanout
     from appliance.models.rollout import ModelUpdates
     from appliance.room import KioskRoom
@@ -38,6 +39,7 @@ class Parts:
     problems: Problems
     last_presence: float | None  # monotonic time of the last motion/button event
     last_reload: str
+    audio: AudioLink | None = None
 
 
 def status_line(parts: Parts) -> str:
@@ -92,6 +94,8 @@ def snapshot(parts: Parts) -> dict[str, Any]:
         },
         "agent": room.agent_identity if room else None,
         "devices": parts.devices.status() if parts.devices else None,
+        # the audio child: visitor participant, microphone live/muted, echo canceller
+        "audio": parts.audio.status() if parts.audio else None,
         "last_presence_ago_s": round(now - parts.last_presence, 1) if parts.last_presence else None,
         # every open problem, with the setting to change and the fix
         "problems": [p.as_json() for p in problems.list()],

@@ -525,3 +525,29 @@ async def test_start_stop_frees_the_port(signal_host: str) -> None:
     again = DevServer(signal_host, port, DEV_API_KEY, DEV_API_SECRET)
     await again.start()
     await again.stop()
+
+
+async def test_auto_subscribe_false_gets_only_what_it_asks_for(devserver: DevServer, make_token) -> None:
+    """The kiosk's visitor participant subscribes to nothing: the server must not push it the
+    avatar's tracks (a real server does not), and a track asked for does arrive."""
+    async with (
+        connected(devserver.url, make_token("kiosk")) as kiosk,
+        connected(devserver.url, make_token("visitor"), auto_subscribe=False) as visitor,
+        connected(devserver.url, make_token("viewer")) as viewer,
+    ):
+        publisher = Publisher(kiosk)
+        video_pub, audio_pub = await publisher.publish()
+        try:
+            await until(lambda: subscribed_track(viewer, "kiosk", rtc.TrackKind.KIND_AUDIO) is not None,
+                        what="the auto-subscribing viewer got the audio")
+            await until(lambda: audio_pub.sid in visitor.remote_participants["kiosk"].track_publications,
+                        what="the visitor knows the publication")
+            await asyncio.sleep(1.0)
+            assert subscribed_track(visitor, "kiosk", rtc.TrackKind.KIND_AUDIO) is None
+            assert subscribed_track(visitor, "kiosk", rtc.TrackKind.KIND_VIDEO) is None
+            visitor.remote_participants["kiosk"].track_publications[audio_pub.sid].set_subscribed(True)
+            await until(lambda: subscribed_track(visitor, "kiosk", rtc.TrackKind.KIND_AUDIO) is not None,
+                        what="the visitor got the audio it asked for")
+            assert subscribed_track(visitor, "kiosk", rtc.TrackKind.KIND_VIDEO) is None
+        finally:
+            await publisher.stop()

@@ -154,12 +154,13 @@ async def test_room_problem_with_credentials_then_joined(tmp_path: Path, devserv
 async def test_device_problem(kiosk: Kiosk) -> None:
     kiosk.write('[audio]\nspeaker = "no-such-speaker-card"\n')
     await kiosk.start()
-    [problem] = await kiosk.wait_problems("devices", True)
+    # the speaker belongs to the audio child: its problems are kind "audio"
+    [problem] = await kiosk.wait_problems("audio", True)
     assert problem["setting"] == "[audio] speaker" and problem["fix"], problem
     await assert_room_problem_stays(kiosk)
     kiosk.write('[audio]\nspeaker = ""\n')
     await kiosk.reload()
-    await kiosk.wait_problems("devices", False)
+    await kiosk.wait_problems("audio", False)
     await assert_room_problem_stays(kiosk)
 
 

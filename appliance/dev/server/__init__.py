@@ -22,8 +22,10 @@ What it does not do (by design, it is a dev server):
   to a single downscaled layer (512 px wide -> 384, 1280 -> 480).
 * Resume: there is no session state to resume; a resume attempt is answered with
   "reconnect", so the SDK does a full reconnect (new participant sid).
-* Selective subscription (`auto_subscribe=False`, UpdateSubscription), hidden
-  participants, data tracks, E2EE, TURN/STUN (no ICE servers are ever sent).
+* Hidden participants, data tracks, E2EE, TURN/STUN (no ICE servers are ever sent).
+  Selective subscription is minimal: a client that joined with
+  `auto_subscribe=False` gets no tracks until it asks for them (UpdateSubscription
+  by track sid), and keeps what it asked for; tracks published later are not offered.
 * Metadata/attribute updates need `canUpdateOwnMetadata` in the token, as in
   livekit-server.
 

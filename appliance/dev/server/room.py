@@ -37,6 +37,9 @@ class Participant:
     client_protocol: int = 0
     protocol: int = 0  # the signalling protocol version the client speaks
     firefox: bool = False
+    # joined with auto_subscribe=False (the kiosk's visitor participant): gets only the
+    # tracks it asks for with UpdateSubscription
+    auto_subscribe: bool = True
     sid: str = field(default_factory=lambda: new_sid("PA"))
     joined_at: float = field(default_factory=time.time)
     state: int = models.ParticipantInfo.State.JOINED
@@ -56,6 +59,10 @@ class Participant:
     @property
     def identity(self) -> str:
         return self.grant.identity
+
+    @property
+    def subscribes_to_all(self) -> bool:
+        return self.grant.can_subscribe and self.auto_subscribe
 
     def info(self, state: int | None = None) -> models.ParticipantInfo:
         # Clients drop updates whose version is not newer than what they have.

@@ -254,6 +254,7 @@ class DevServer:
             client_protocol=_int(request.query.get("client_protocol")),
             protocol=_int(request.query.get("protocol")),
             firefox=request.query.get("browser", "").lower() == "firefox",
+            auto_subscribe=request.query.get("auto_subscribe", "1").lower() not in ("0", "false"),
         )
         # The room may have been emptied (and dropped) while the old session closed.
         room = self.rooms.setdefault(grant.room, room)

@@ -174,7 +174,7 @@ class ParticipantSession:
         # Subscribe to what the others already publish.  The first subscriber offer
         # carries only the data channels (`connect` returns once that PC is up); these
         # tracks follow in the next offer, see SubscriberPeer.
-        for other in others if p.grant.can_subscribe else []:
+        for other in others if p.subscribes_to_all else []:
             for track in other.tracks.values():
                 if track.fanout is not None:
                     self.subscriber.add_track(
@@ -248,14 +248,29 @@ class ParticipantSession:
                     )
                 )
             )
+        elif kind == "subscription":
+            await self._on_subscription(req.subscription)
         elif kind == "leave":
             log.info("%s: client leaves", self.label)
             return False
         else:
-            # subscription, track_setting, sync_state, update_layers...: everyone is
-            # auto-subscribed to everything at a single quality, nothing to do.
+            # track_setting, sync_state, update_layers...: one quality for everyone,
+            # nothing to do.
             log.debug("%s: ignoring %s", self.label, kind)
         return None
+
+    async def _on_subscription(self, req: rtc.UpdateSubscription) -> None:
+        """Selective subscription (clients that joined with auto_subscribe=False)."""
+        p = self.participant
+        if not p.grant.can_subscribe:
+            return
+        for sid in req.track_sids:
+            owner = next((o for o in self.room.others(p) if sid in o.tracks), None)
+            track = owner.tracks[sid] if owner is not None else None
+            if not req.subscribe:
+                await self.subscriber.remove_track(sid)
+            elif owner is not None and track is not None and track.fanout is not None:
+                self.subscriber.add_track(stream_id(owner, track.info, p), sid, track.fanout)
 
     def _on_add_track(self, req: rtc.AddTrackRequest) -> None:
         p = self.participant
@@ -311,7 +326,7 @@ class ParticipantSession:
             # received track to a publication it must already know.
             self.broadcast_update(p)
             for other in self.room.others(p):
-                if other.session is None or not other.grant.can_subscribe:
+                if other.session is None or not other.subscribes_to_all:
                     continue
                 for sid in removed:
                     await other.session.subscriber.remove_track(sid)
