@@ -6,13 +6,16 @@ DataStreamAudioOutput(room, destination_identity=<kiosk>)``), and small local
 STT/LLM/TTS implementations of the livekit-agents interfaces (the STT reports a
 transcript when the VAD hands it speech and keeps what it heard; the TTS speaks
 the bundled WAV) with silero's VAD. The kiosk (``appliance run``) joins as
-kind agent; the visitor is a standard participant publishing a microphone.
+kind agent, and its visitor participant publishes the microphone: ALSA ``file``
+PCMs, where ``acoustics.py`` adds what the speaker plays (through a synthetic
+room) to the visitor's voice, as in a real lobby.
 
-Shown: the session links to the visitor, never to the avatar, and hears the
-visitor's voice; its reply is spoken by the kiosk (a viewer sees the mouth move
-and hears it); the visitor talking over the reply interrupts it (the kiosk gets
-``lk.clear_buffer``); the kiosk names the agent it serves in its
-``lk.publish_on_behalf`` attribute.
+Shown: the session links to the kiosk's visitor participant, never to the
+avatar, and hears the visitor's voice; its reply is spoken by the kiosk (a
+viewer sees the mouth move and hears it) and does not interrupt itself through
+the microphone (the echo canceller removes it); the visitor talking over the
+reply interrupts it (the kiosk gets ``lk.clear_buffer``); the kiosk names the
+agent it serves in its ``lk.publish_on_behalf`` attribute.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+from acoustics import AcousticProcess, prefill_mic, write_asoundrc
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, APIConnectOptions, llm, stt, tts, utils
 from livekit.agents.voice.avatar import DataStreamAudioOutput
@@ -34,6 +39,7 @@ from appliance.dev.bench import KioskProcess, write_kiosk_config
 from appliance.dev.demo import Viewer, make_token, read_wav
 from appliance.runtimes.reference import mouth_box_for, mouth_open_fraction
 from appliance.supervisor import bundled_model
+from voices import room_response, visitor_voice
 
 KIOSK = "kiosk-session"
 VISITOR = f"{KIOSK}-visitor"
@@ -94,49 +100,32 @@ class WavTTS(tts.TTS):
         return _WavStream(tts=self, input_text=text, conn_options=conn_options)
 
 
-class Visitor:
-    """A person at the kiosk: a standard participant whose microphone plays WAV speech."""
-
-    def __init__(self) -> None:
-        self.room = rtc.Room()
-        self.source = rtc.AudioSource(16000, 1, queue_size_ms=200)
-
-    async def connect(self, url: str, token: str) -> None:
-        await self.room.connect(url, token, rtc.RoomOptions(auto_subscribe=False))
-        track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
-        await self.room.local_participant.publish_track(
-            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
-
-    async def say(self, pcm: np.ndarray) -> None:
-        """Speak ``pcm`` (16 kHz) in real time, then keep the line quiet."""
-        for start in range(0, len(pcm), 160):
-            chunk = pcm[start:start + 160]
-            if len(chunk) < 160:
-                chunk = np.pad(chunk, (0, 160 - len(chunk)))
-            await self.source.capture_frame(rtc.AudioFrame(chunk.tobytes(), 16000, 1, 160))
-
-    async def quiet(self, seconds: float) -> None:
-        await self.say(np.zeros(int(16000 * seconds), dtype=np.int16))
-
-
 @pytest.fixture
 async def kiosk(devserver, tmp_path: Path) -> AsyncIterator[KioskProcess]:  # type: ignore[no-untyped-def]
     config = write_kiosk_config(tmp_path, url=devserver.url, api_key=devserver.api_key,
-                                api_secret=devserver.api_secret, room=ROOM, identity=KIOSK)
-    process = KioskProcess(config, tmp_path / "kiosk.log")
+                                api_secret=devserver.api_secret, room=ROOM, identity=KIOSK,
+                                extra='[audio]\nspeaker = "kiosk_speaker"\nmicrophone = "kiosk_mic"\n')
+    prefill_mic(tmp_path)
+    env = {"ALSA_CONFIG_PATH": str(write_asoundrc(tmp_path)), "JACK_NO_START_SERVER": "1"}
+    process = KioskProcess(config, tmp_path / "kiosk.log", env=env)
     process.start()
     try:
-        await process.async_wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0, 60, "went live")
+        await process.async_wait_for(
+            lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 0
+            and (s["audio"]["visitor"] or {}).get("state") == "live" and s["audio"]["microphone"] == "live",
+            60, "went live with the visitor's microphone")
         yield process
     finally:
         code = await asyncio.to_thread(process.stop)
         assert code == 0, f"kiosk did not stop cleanly ({code}):\n{process.log()[-3000:]}"
 
 
-def _visitor_speech() -> np.ndarray:
-    pcm, rate = read_wav()
-    assert rate == 16000
-    return pcm
+def _audio_child(kiosk: KioskProcess) -> int:
+    assert kiosk.proc is not None
+    for child in psutil.Process(kiosk.proc.pid).children():
+        if "appliance.devices.audio_child" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError("no audio child")
 
 
 def _envelope(x: np.ndarray, rate: int = 16000) -> np.ndarray:
@@ -156,15 +145,15 @@ async def test_an_unmodified_agent_session_links_to_the_visitor_and_speaks_throu
     devserver, kiosk: KioskProcess, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
     key, secret = devserver.api_key, devserver.api_secret
-    visitor = Visitor()
-    await visitor.connect(devserver.url, make_token(key, secret, ROOM, VISITOR))
-    kiosk_seen = visitor.room.remote_participants[KIOSK]
-    assert kiosk_seen.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT, "the avatar must join as kind agent"
-    assert kiosk_seen.attributes.get(PUBLISH_ON_BEHALF) == "none", kiosk_seen.attributes
+    spoken = visitor_voice()  # 16 kHz: the visitor's sentence
+    lobby = AcousticProcess(tmp_path, room_response(delay_ms=20, gain_db=-6), spoken, _audio_child(kiosk))
 
     # a watcher joins hidden: a visible standard participant may be taken for the user
     viewer = Viewer(KIOSK)
     await viewer.connect(devserver.url, make_token(key, secret, ROOM, "viewer", hidden=True))
+    kiosk_seen = viewer.room.remote_participants[KIOSK]
+    assert kiosk_seen.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT, "the avatar must join as kind agent"
+    assert kiosk_seen.attributes.get(PUBLISH_ON_BEHALF) == "none", kiosk_seen.attributes
     agent_room = rtc.Room()
     await agent_room.connect(devserver.url, make_token(key, secret, ROOM, AGENT, agent=True))
     heard = HeardSTT()
@@ -182,23 +171,31 @@ async def test_an_unmodified_agent_session_links_to_the_visitor_and_speaks_throu
                     f"the kiosk named {AGENT} in {PUBLISH_ON_BEHALF}")
 
         # the visitor speaks; the agent hears them and answers through the kiosk
-        spoken = _visitor_speech()
         said_at = time.monotonic()
-        await visitor.say(spoken)
-        await visitor.quiet(1.0)
+        start = lobby.say()
+        await _wait(lambda: lobby.refresh().written > start + len(spoken) + 16000 or None, 30,
+                    "the microphone got the visitor's sentence")
         # all the visitor said has reached the STT once the agent answers
         await _wait(lambda: "speaking" in states or None, 30, "the agent started its reply")
-        await asyncio.sleep(2.0)  # the VAD's last cut (after 0.55 s of silence) reaches the STT
-        assert heard.utterances, "the agent answered without hearing anything"
-        # (the receiver's jitter buffer stretches speech on a busy machine: compare voiced time)
-        voiced = _voiced_s(np.concatenate(heard.utterances), heard.rate)
+        # the VAD may cut the sentence at a pause (the agent answers the first part, the rest
+        # interrupts it): wait for all of it; the receiver's jitter buffer stretches speech on a
+        # busy machine, so compare voiced time
+        def voiced_s() -> float:
+            return _voiced_s(np.concatenate(heard.utterances), heard.rate) if heard.utterances else 0.0
+
+        await _wait(lambda: voiced_s() > 0.6 * _voiced_s(spoken, 16000) or None, 20,
+                    "the STT heard the visitor's sentence")
+        voiced = voiced_s()
         print(f"\nagent heard {[round(len(u) / heard.rate, 2) for u in heard.utterances]} s at {heard.rate} Hz "
               f"from {linked.identity}: {voiced:.2f} s voiced, the visitor spoke {_voiced_s(spoken, 16000):.2f} s")
         assert 0.6 < voiced / _voiced_s(spoken, 16000) < 1.6, "the agent did not hear the visitor's speech"
 
-        reply_at = await _wait(lambda: _loud_since(viewer, said_at + len(spoken) / 16000), 20,
+        reply_at = await _wait(lambda: _loud_since(viewer, said_at + len(spoken) / 16000), 30,
                                "the viewer heard the kiosk speak the reply")
-        await asyncio.sleep(2.0)
+        # two seconds of the reply's pictures (the relay re-encodes them: on a busy machine they
+        # come later than the voice)
+        await _wait(lambda: sum(1 for f in viewer.frames if f.at >= reply_at) >= 50 or None, 20,
+                    "the viewer got two seconds of the reply's pictures")
         box = mouth_box_for(bundled_model(), 512, 512)
         mouth = [mouth_open_fraction(f.image, _scaled(box, f.image.shape[1])) for f in viewer.frames
                  if f.at >= reply_at]
@@ -206,22 +203,34 @@ async def test_an_unmodified_agent_session_links_to_the_visitor_and_speaks_throu
         rms = float(np.sqrt(np.mean(np.concatenate(voice).astype(np.float64) ** 2))) if voice else 0.0
         quiet = [mouth_open_fraction(f.image, _scaled(box, f.image.shape[1])) for f in viewer.frames
                  if said_at - 3 <= f.at < said_at]
+        t0 = said_at - 3
+        for second in range(int(time.monotonic() - t0)):
+            w = [mouth_open_fraction(f.image, _scaled(box, f.image.shape[1])) for f in viewer.frames
+                 if t0 + second <= f.at < t0 + second + 1]
+            a = [c for c, t in zip(viewer.audio, viewer.audio_times, strict=True) if t0 + second <= t < t0 + second + 1]
+            r = float(np.sqrt(np.mean(np.concatenate(a).astype(np.float64) ** 2))) if a else 0.0
+            print(f"  t={second - 3:+d} s  frames {len(w)}  mouth {np.mean(w) if w else float('nan'):.3f}  audio rms {r:.0f}"
+                  f"{'  <- reply' if t0 + second <= reply_at < t0 + second + 1 else ''}")
         print(f"viewer during the reply: mouth open {np.mean(mouth):.3f} (before {np.mean(quiet):.3f}), "
               f"audio rms {rms:.0f}")
         assert np.mean(mouth) > 2 * np.mean(quiet) + 0.01, "the kiosk's mouth did not move with the reply"
         assert rms > 300, "the viewer did not hear the kiosk speak the reply"
 
-        # the visitor talks over the avatar: the session interrupts it through the kiosk
+        # the reply reaches the microphone through the lobby while the visitor is silent; the
+        # canceller keeps the agent from taking it for the visitor and cutting itself off
         interrupts_before = kiosk.log().count("interrupted by the agent")
-        await visitor.say(spoken[: 16000 * 2])
-        await visitor.quiet(0.5)
+        await asyncio.sleep(2.0)
+        assert kiosk.log().count("interrupted by the agent") == interrupts_before, (
+            "the kiosk's own voice, heard through its microphone, interrupted it")
+        # the visitor talks over the avatar: the session interrupts it through the kiosk
+        lobby.say()
         await _wait(lambda: kiosk.log().count("interrupted by the agent") > interrupts_before or None, 15,
                     "the kiosk got lk.clear_buffer when the visitor talked over it")
     finally:
         await session.aclose()
         await agent_room.disconnect()
-        await visitor.room.disconnect()
         await viewer.close()
+        lobby.stop()
     await _wait(lambda: kiosk_seen.attributes.get(PUBLISH_ON_BEHALF) == "none" or None, 10,
                 "the kiosk went back to the placeholder when the agent left")
 
