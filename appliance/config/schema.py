@@ -52,7 +52,7 @@ def setting(
     default: Any,
     help: str,
     *,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | tuple[int, ...] | None = None,
     min: float | None = None,
     max: float | None = None,
     reload: bool = True,
@@ -167,6 +167,18 @@ class GpioSection:
 
 
 @dataclass(frozen=True)
+class DisplaySection:
+    enabled: bool = setting(
+        True, "show the avatar full-screen on the local display (SDL2 KMSDRM); without a DRM "
+        "device (a development PC) the screen is simply off"
+    )
+    rotate: int = setting(
+        0, "turn the picture clockwise by this many degrees (a portrait-mounted monitor)",
+        choices=(0, 90, 180, 270),
+    )
+
+
+@dataclass(frozen=True)
 class StatusSection:
     socket: str = setting(
         "/run/appliance/status.sock", "unix socket that `appliance status` reads", reload=False
@@ -191,6 +203,7 @@ SECTIONS: dict[str, type] = {
     "fallback": FallbackSection,
     "audio": AudioSection,
     "gpio": GpioSection,
+    "display": DisplaySection,
     "status": StatusSection,
     "logging": LoggingSection,
 }
@@ -204,6 +217,7 @@ class Config:
     fallback: FallbackSection = field(default_factory=FallbackSection)
     audio: AudioSection = field(default_factory=AudioSection)
     gpio: GpioSection = field(default_factory=GpioSection)
+    display: DisplaySection = field(default_factory=DisplaySection)
     status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     # secrets read from *_file settings, keyed "section.key" (without _file)
@@ -254,7 +268,7 @@ def render_default_toml() -> str:
             meta = f.metadata
             extra = []
             if meta["choices"]:
-                extra.append("one of: " + ", ".join(meta["choices"]))
+                extra.append("one of: " + ", ".join(map(str, meta["choices"])))
             if meta["min"] is not None:
                 extra.append(f"range {meta['min']}..{meta['max']}")
             if not meta["reload"]:

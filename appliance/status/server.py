@@ -74,6 +74,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"{room.get('state')} ({room.get('reason')})",
         f"  fps:      {status.get('fps_10s')} (last 10 s)   uptime: {status.get('uptime_s')} s",
     ]
+    display = status.get("display")
+    if display:
+        lines.append(f"  display:  {display.get('summary')}")
     models = status.get("models")
     if models:
         line = f"  models:   {models.get('state')}, current {models.get('current') or 'the [avatar] model'}"
@@ -92,6 +95,7 @@ _PROBLEM_LABELS = {
     "boot-config": "boot config not applied: ",
     "updates": "update problem: ",
     "devices": "device:   ",
+    "display": "display:  ",
 }
 
 
@@ -161,6 +165,19 @@ def prometheus_text(status: dict[str, Any]) -> str:
         ("appliance_model_update_problem", "gauge", "1 while the last model update round failed",
          int(bool((status.get("models") or {}).get("problem")))),
     ]
+    display = status.get("display")
+    if display:
+        latency = (display.get("latency_ms") or {}).get("p50")
+        metrics += [
+            ("appliance_screen_up", "gauge", "1 while the local screen shows the avatar",
+             int(display["state"] == "showing")),
+            ("appliance_screen_frames_per_second", "gauge", "frames presented on the local screen per second",
+             display["fps"]),
+            ("appliance_screen_latency_seconds", "gauge",
+             "frame handed to the screen to present returned (median over 1 s)",
+             latency / 1000 if latency is not None else float("nan")),
+            ("appliance_screen_restarts_total", "counter", "screen child restarts", display["restarts"]),
+        ]
     problems = status.get("problems") or []
     lines = []
     for name, kind, help_text, value in metrics:

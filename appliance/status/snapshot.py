@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from appliance.media import FrameFanout
     from appliance.models.rollout import ModelUpdates
     from appliance.room import KioskRoom
+    from appliance.screen.screen import Screen
 
 __all__ = ["Parts", "status_line", "snapshot"]
 
@@ -38,6 +39,7 @@ class Parts:
     problems: Problems
     last_presence: float | None  # monotonic time of the last motion/button event
     last_reload: str
+    screen: Screen | None = None
 
 
 def status_line(parts: Parts) -> str:
@@ -92,6 +94,7 @@ def snapshot(parts: Parts) -> dict[str, Any]:
         },
         "agent": room.agent_identity if room else None,
         "devices": parts.devices.status() if parts.devices else None,
+        "display": parts.screen.status() if parts.screen else None,
         "last_presence_ago_s": round(now - parts.last_presence, 1) if parts.last_presence else None,
         # every open problem, with the setting to change and the fix
         "problems": [p.as_json() for p in problems.list()],
