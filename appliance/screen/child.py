@@ -36,6 +36,9 @@ __all__ = ["letterbox", "Window", "main"]
 
 ROTATIONS = (0, 90, 180, 270)
 REPRESENT_S = 0.5  # show the last frame again this often while no new one comes
+# Below the renderer: without a GPU (llvmpipe) drawing competes with rendering, and the
+# renderer feeds the room and the screen alike
+NICE = 5
 STATS_S = 1.0
 
 
@@ -195,6 +198,7 @@ def run(buffer: FrameBuffer, rotate: int) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     parent = os.getppid()
+    os.nice(NICE)
     try:
         window = Window(rotate)
     except SdlError as exc:
