@@ -41,7 +41,8 @@ __all__ = ["Screen", "ScreenState"]
 log = logging.getLogger("appliance.screen")
 
 POLL_S = 1.0  # sysfs connector poll
-STALL_S = 5.0  # the child reports every second; silent this long = hung
+STALL_S = 10.0  # the child reports every second once ready; silent this long = hung
+STARTUP_S = 30.0  # imports and SDL/GL start-up, on a busy Pi or under emulation
 HEALTHY_S = 10.0  # showing this long resets the backoff
 NO_CONNECTOR = "No currently active connector found"  # SDL's KMSDRM words for "no monitor"
 
@@ -180,8 +181,9 @@ class Screen:
                     log.info("display connectors changed: %s → %s: restarting the screen",
                              _fmt(seen[1]), _fmt(now_seen[1]))
                     return None
-                if now - self._last_stats > STALL_S:
-                    error = f"the screen child stopped answering for {STALL_S:.0f} s"
+                limit = STALL_S if self.ready else STARTUP_S
+                if now - self._last_stats > limit:
+                    error = f"the screen child stopped answering for {limit:.0f} s"
                     break
                 if self.state is ScreenState.SHOWING and now - started > HEALTHY_S:
                     self.backoff.reset()

