@@ -346,3 +346,26 @@ async def test_a_display_that_cannot_open_never_stops_the_other_sinks(
 def _status_with(screen: Screen) -> dict[str, object]:
     return {"uptime_s": 1, "fps_10s": 25.0, "renderer": {"restarts": 0, "state": "running"},
             "room": {"frames_published": 0, "state": "live"}, "display": screen.status()}
+
+
+async def test_the_supervisor_wires_the_screen(tmp_path: Path) -> None:
+    """A real supervisor: frames reach the screen sink; no DRM device here is "off", no fault."""
+    if Path("/dev/dri").exists() and any(Path("/dev/dri").glob("card*")):
+        pytest.skip("this machine has a DRM device: the screen would really start")
+    from appliance.config import load_config
+    from appliance.supervisor import Supervisor
+
+    conf = tmp_path / "appliance.toml"
+    conf.write_text(f'[status]\nsocket = "{tmp_path / "status.sock"}"\n')
+    sup = Supervisor(load_config([conf]))
+    run = asyncio.create_task(sup.run())
+    try:
+        await until("frames on the screen sink", lambda: sup.screen is not None and sup.screen.frames_in > 10, 60)
+        display = sup.status()["display"]
+        assert display["summary"] == "off: no DRM device (/dev/dri/card*)", display
+        assert not [p for p in sup.status()["problems"] if p["kind"] == "display"]
+        assert "display:  off: no DRM device" in format_status(sup.status())
+        assert "appliance_screen_up 0" in prometheus_text(sup.status())
+    finally:
+        sup.request_stop()
+        await asyncio.wait_for(run, 30)
