@@ -244,6 +244,18 @@ async def test_xvfb_shows_the_frames(xvfb: str, run_screen: Callable[..., Screen
         shot = xwd(xvfb)
         write_png(PICTURES / "screen-xvfb-frames-stopped.png", shot)
         assert_shows(shot, frame, 270, "2 s after the last frame")
+        # and the real face (the reference avatar), upright
+        from appliance.runtimes.reference import ReferenceRuntime
+
+        runtime = ReferenceRuntime()
+        await runtime.open("")
+        face = runtime.next_frame().image
+        feeder = Feeder(screen, face)
+        screen.apply(DisplaySection(rotate=0))
+        await until("showing the face", lambda: screen.ready.get("rotate") == 0 and screen.stats.get("frames", 0) > 5)
+        shot = xwd(xvfb)
+        write_png(PICTURES / "screen-xvfb-avatar.png", shot)
+        assert_shows(shot, face, 0, "the reference avatar")
     finally:
         await feeder.stop()
 
