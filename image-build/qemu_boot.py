@@ -128,12 +128,11 @@ def boot_image(
         nvram = Path(tmp) / "vars.fd"
         shutil.copyfile(vars_template, nvram)
         if arch == "amd64":
-            # no AVX2 in the guest: Mesa's llvmpipe (the screen, on virtio-gpu) crashed on an AVX2
-            # gather under QEMU 7.2 TCG with -cpu max. AVX (with xsave) stays: without it the
-            # OpenBLAS inside numpy's wheel picks a kernel the CPU lacks (SIGILL at import;
-            # measured with qemu-x86_64 -cpu qemu64,+sse4.2... and -cpu Nehalem-v2)
-            machine = ["qemu-system-x86_64", "-machine", "q35",
-                       "-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+xsave"]
+            # -cpu max: numpy's wheel (OpenBLAS) needs AVX2 (SIGILL at import without it,
+            # measured with qemu-x86_64 -cpu qemu64,+sse4.2,... / Nehalem-v2 / max,-avx2).
+            # Mesa's llvmpipe crashes on AVX2 gathers under QEMU 7.2 TCG: the screen child
+            # caps Mesa's CPU features on an emulated CPU (appliance/screen/screen.py)
+            machine = ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max"]
             nic = "virtio-net-pci"
         else:
             # cortex-a72 (the Pi 4 core): "max" adds pointer authentication, slow under TCG

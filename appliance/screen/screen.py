@@ -47,6 +47,14 @@ HEALTHY_S = 10.0  # showing this long resets the backoff
 NO_CONNECTOR = "No currently active connector found"  # SDL's KMSDRM words for "no monitor"
 
 
+def emulated_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """QEMU's TCG emulator (not KVM: that shows the real CPU)."""
+    try:
+        return "QEMU TCG CPU" in cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 class ScreenState(enum.Enum):
     OFF = "off"
     NO_DISPLAY = "no display connected"
@@ -158,6 +166,10 @@ class Screen:
         env = dict(os.environ, SDL_VIDEODRIVER=self.driver)
         if self.render_driver:
             env["SDL_RENDER_DRIVER"] = self.render_driver
+        if emulated_cpu():
+            # Mesa's llvmpipe emits AVX2 gathers that QEMU 7.2's TCG executes wrongly (the
+            # child segfaulted): SSE4.1 code paths only, on an emulated CPU only
+            env.setdefault("GALLIUM_OVERRIDE_CPU_CAPS", "sse4.1")
         fd = self.buffer.fd
         self._proc = proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "appliance.screen.child", "--fd", str(fd),
