@@ -381,3 +381,12 @@ async def test_the_supervisor_wires_the_screen(tmp_path: Path) -> None:
     finally:
         sup.request_stop()
         await asyncio.wait_for(run, 30)
+
+
+def test_emulated_cpu_is_told_from_cpuinfo(tmp_path: Path) -> None:
+    from appliance.screen.screen import emulated_cpu
+
+    tcg, kvm = tmp_path / "tcg", tmp_path / "kvm"
+    tcg.write_text("processor\t: 0\nmodel name\t: QEMU TCG CPU version 2.5+\n")
+    kvm.write_text("processor\t: 0\nmodel name\t: Intel(R) Celeron(R) J4125 CPU @ 2.00GHz\n")
+    assert emulated_cpu(tcg) and not emulated_cpu(kvm) and not emulated_cpu(tmp_path / "missing")
