@@ -149,9 +149,11 @@ class Supervisor:
         self.problems.owner("boot-config").replace(refused_import())
         self._tasks.spawn(self.fanout.run(), "frame fan-out")
         await self._open_devices(self.config)
-        self._start_screen(self.config)
         entry = self._start_updates(self.config)
         await self.backend.start(renderer_spec(self.config, entry))
+        # after the renderer is warm: nothing to show before, and without a GPU (llvmpipe)
+        # the screen's start-up would compete with the renderer's
+        self._start_screen(self.config)
         self._start_room(self.config)
 
     async def run(self) -> None:
