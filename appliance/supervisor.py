@@ -1,8 +1,9 @@
 """The supervisor: wires the parts together, applies reloads, owns their tasks.
 
     backend (local renderer) ──frames──► FrameFanout ──┬─► KioskRoom (LiveKit tracks)
-          ▲                                            └─► AudioLink ─► audio child (speaker, mic +
-          │                                                 echo canceller, the visitor participant)
+          ▲                                            ├─► AudioLink ─► audio child (speaker, mic +
+          │                                            │    echo canceller, the visitor participant)
+          │                                            └─► Screen (shared memory → SDL child)
           └──────── speech (push_audio/flush/interrupt) ◄── agent, through the room
 
 The backend is started first and kept warm whatever the network does: the room
@@ -37,6 +38,7 @@ from appliance.models.store import ModelEntry
 from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
 from appliance.runtimes import VideoSpec
+from appliance.screen.screen import Screen
 from appliance.status.logs import apply_levels
 from appliance.status.problems import Problems
 from appliance.status.server import HealthServer, StatusServer
@@ -95,6 +97,7 @@ class Supervisor:
         self.audio: AudioLink | None = None  # the audio child: speaker, microphone, visitor
         self._audio_task: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
+        self.screen: Screen | None = None  # the local display (its own supervised child)
         self.last_presence: float | None = None  # monotonic time of the last motion/button event
         self.last_reload = ""
         self.reporter = Reporter(notifier or Notifier(), flowing=self.frames_flowing,
@@ -154,6 +157,9 @@ class Supervisor:
         self._start_audio(self.config)
         entry = self._start_updates(self.config)
         await self.backend.start(renderer_spec(self.config, entry))
+        # after the renderer is warm: nothing to show before, and without a GPU (llvmpipe)
+        # the screen's start-up would compete with the renderer's
+        self._start_screen(self.config)
         self._start_room(self.config)
 
     async def run(self) -> None:
@@ -203,6 +209,9 @@ class Supervisor:
         await self.backend.close()  # its frames end, and with them the fan-out
         await self._tasks.close()
         await self._close_devices()
+        if self.screen is not None:
+            self.fanout.remove_sink(self.screen)
+            await self.screen.close()
 
     # -- parts -------------------------------------------------------------------
 
@@ -224,6 +233,13 @@ class Supervisor:
         if devices is not None:
             self.fanout.remove_sink(devices)
             await asyncio.to_thread(devices.close)
+
+    def _start_screen(self, config: Config) -> None:
+        """The local display: a sink for every frame, its child supervised in the background."""
+        self.screen = Screen(config.display, self.problems.owner("display"),
+                             on_state=self._status_changed)
+        self.fanout.add_sink(self.screen)
+        self._tasks.spawn(self.screen.run(), "screen")
 
     def _on_presence(self, active: bool) -> None:
         """A visitor moved or pressed the button: recorded, shown in status, and with
@@ -384,6 +400,8 @@ class Supervisor:
         if any(key.startswith("gpio.") for key in changed):
             await self._close_devices()
             await self._open_devices(new)
+        if any(key.startswith("display.") for key in changed) and self.screen is not None:
+            self.screen.apply(new.display)
         if any(key.startswith("models.") for key in changed):
             await self._stop_updates()
             self._start_updates(new)
@@ -416,7 +434,7 @@ class Supervisor:
     def _parts(self) -> Parts:
         return Parts(self.config, self.started_at, self.backend, self.fanout, self.room,
                      self.updates, self.devices, self.problems, self.last_presence, self.last_reload,
-                     self.audio)
+                     self.audio, self.screen)
 
     def status_line(self) -> str:
         return status_line(self._parts())

@@ -345,6 +345,10 @@ EOF
     find "$ROOT/var/log" -type f -exec truncate -s0 {} +
 }
 
+# The screen shows the avatar and nothing else: no blinking console cursor block over it (it
+# showed in QEMU screendumps), no console blanking after 10 minutes.
+SCREEN_CMDLINE="vt.global_cursor_default=0 consoleblank=0"
+
 # The boot partition's content, in $ROOT/boot/firmware (genimage takes it from there).
 bootfs() {
     local fw="$ROOT/boot/firmware" kver efiarch console
@@ -358,6 +362,9 @@ bootfs() {
         sed -i 's|^#\{0,1\}CMA=.*|CMA=0|' "$ROOT/etc/default/raspi-firmware"
         sed -i 's| cma=[^ ]*||' "$fw/cmdline.txt"
         grep -q 'root=LABEL=kiosk-root' "$fw/cmdline.txt" || die "cmdline.txt: $(cat "$fw/cmdline.txt")"
+        # kernel upgrades rewrite cmdline.txt from raspi-extra-cmdline: keep the screen's options there
+        echo "quiet $SCREEN_CMDLINE" > "$ROOT/etc/default/raspi-extra-cmdline"
+        grep -q 'vt.global_cursor_default=0' "$fw/cmdline.txt" || sed -i "1s|\$| $SCREEN_CMDLINE|" "$fw/cmdline.txt"
     else
         efiarch=$([ "$ARCH" = amd64 ] && echo x64 || echo aa64)
         console=$([ "$ARCH" = amd64 ] && echo ttyS0,115200 || echo ttyAMA0,115200)
@@ -375,7 +382,7 @@ EOF
 title   Avatar kiosk ($NAME $VERSION)
 linux   /vmlinuz
 initrd  /initrd.img
-options root=LABEL=kiosk-root rw rootwait console=$console console=tty0 quiet
+options root=LABEL=kiosk-root rw rootwait console=$console console=tty0 quiet $SCREEN_CMDLINE
 EOF
         # kernel updates copy themselves here (overlay-uefi: /etc/kernel/postinst.d/zz-appliance-esp)
         cp "$ROOT/boot/vmlinuz-$kver" "$fw/vmlinuz"

@@ -18,18 +18,21 @@ that report and returns it parsed. Used by tests/test_image.py and `make image-t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BootResult", "boot_image", "put_boot_files"]
+__all__ = ["BootResult", "Qmp", "boot_image", "put_boot_files"]
 
 FIRMWARE = {
     "amd64": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
@@ -44,6 +47,7 @@ class BootResult:
     report: list[str] = field(default_factory=list)  # the "appliance: ..." lines, prefix removed
     finished: bool = False  # the status report ended (or NOT READY was reported)
     timed_out: bool = False
+    screen: object = None  # what ``after_report`` returned (e.g. screendumps)
 
     def text(self) -> str:
         return "\n".join(line for _, line in self.console)
@@ -104,8 +108,14 @@ def boot_image(
     log_path: Path | None = None,
     echo: bool = False,
     keep_disk: Path | None = None,
+    screen: tuple[int, int] | None = None,
+    after_report: Callable[[Qmp, BootResult], object] | None = None,
 ) -> BootResult:
-    """Boot a scratch copy of ``image`` and collect the console until the boot report ends."""
+    """Boot a scratch copy of ``image`` and collect the console until the boot report ends.
+
+    ``screen=(w, h)`` (amd64) adds a virtio-vga display of that size (nothing is shown on the
+    host: ``-display none``); ``after_report(qmp, result)`` then runs once the report ended,
+    before QEMU is stopped, with a QMP connection (``qmp.screendump(path)``)."""
     code, vars_template = FIRMWARE[arch]
     with tempfile.TemporaryDirectory(prefix="kiosk-boot-", dir=os.environ.get("IMAGE_SCRATCH")) as tmp:
         disk = Path(tmp) / "disk.img"
@@ -118,6 +128,10 @@ def boot_image(
         nvram = Path(tmp) / "vars.fd"
         shutil.copyfile(vars_template, nvram)
         if arch == "amd64":
+            # -cpu max: numpy's wheel (OpenBLAS) needs AVX2 (SIGILL at import without it,
+            # measured with qemu-x86_64 -cpu qemu64,+sse4.2,... / Nehalem-v2 / max,-avx2).
+            # Mesa's llvmpipe crashes on AVX2 gathers under QEMU 7.2 TCG: the screen child
+            # caps Mesa's CPU features on an emulated CPU (appliance/screen/screen.py)
             machine = ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max"]
             nic = "virtio-net-pci"
         else:
@@ -134,13 +148,63 @@ def boot_image(
             "-device", "virtio-rng-pci",
             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
         ]
-        result = _watch(cmd, timeout_s, log_path, echo)
+        qmp_path = Path(tmp) / "qmp.sock"
+        if screen is not None:
+            cmd += ["-vga", "none", "-device", f"virtio-vga,xres={screen[0]},yres={screen[1]}"]
+        if after_report is not None:
+            cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+
+        def with_qmp(r: BootResult) -> object:
+            assert after_report is not None
+            qmp = Qmp(qmp_path)
+            try:
+                return after_report(qmp, r)
+            finally:
+                qmp.close()
+
+        result = _watch(cmd, timeout_s, log_path, echo, None if after_report is None else with_qmp)
         if keep_disk is not None:
             shutil.move(disk, keep_disk)
         return result
 
 
-def _watch(cmd: list[str], timeout_s: float, log_path: Path | None, echo: bool) -> BootResult:
+class Qmp:
+    """A QMP connection to the running QEMU (one command at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(str(path))
+        self._file = self.sock.makefile("rwb")
+        self._read()  # the greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict[str, object]:
+        while True:
+            msg = json.loads(self._file.readline())
+            if "event" not in msg:  # events come in between; not what we wait for
+                return msg  # type: ignore[no-any-return]
+
+    def command(self, name: str, **arguments: object) -> object:
+        self._file.write(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
+        self._file.flush()
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(f"QMP {name}: {answer['error']}")
+        return answer.get("return")
+
+    def screendump(self, path: Path) -> Path:
+        """What the guest's display shows now, as a PPM file (QEMU's default format)."""
+        self.command("screendump", filename=str(path))
+        return path
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+
+def _watch(cmd: list[str], timeout_s: float, log_path: Path | None, echo: bool,
+           after_report: Callable[[BootResult], object] | None = None) -> BootResult:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -180,6 +244,8 @@ def _watch(cmd: list[str], timeout_s: float, log_path: Path | None, echo: bool) 
     elif result.finished:
         # a "problem:" line may follow the fps line
         time.sleep(2.0)
+    if after_report is not None and result.finished and proc.poll() is None:
+        result.screen = after_report(result)
     proc.kill()
     proc.wait()
     thread.join(5)

@@ -15,6 +15,11 @@ appliance-boot-report.service prints `appliance status` on every console once
 appliance.service is READY. Nothing test-only is in the image; the test only writes files
 onto the boot partition of a scratch copy.
 
+The amd64 boots have a screen (virtio-vga 1280x720, `-display none`): with the valid config
+the test takes QMP screendumps after READY until the avatar is on it — letterboxed in black,
+matching a reference frame rendered here, no console text or cursor over it — and saves them
+as PNGs ($SCREEN_PICTURES, default /tmp).
+
 Then the generic arm64 image under qemu-system-aarch64 -M virt (AAVMF), with the valid config:
 its rootfs is built through qemu-user (~5-9 min cold, cached after), it boots to READY in
 ~2 min under TCG. IMAGE_TEST_ARM64=0 skips it.
@@ -34,12 +39,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "image-build"))
 
+import asyncio  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 import qemu_boot  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests"))
+from pictures import read_ppm, write_png  # noqa: E402
+
 from appliance.dev import netns  # noqa: E402
+from appliance.runtimes.reference import ReferenceRuntime  # noqa: E402
 
 BUILD_TIMEOUT_S = 1800
 BOOT_TIMEOUT_S = 900
+SCREEN = (1280, 720)
+SCREEN_WAIT_S = 300  # virtio-gpu shows up 40-50 s into a TCG boot; llvmpipe draws ~4 fps
+PICTURES = Path(os.environ.get("SCREEN_PICTURES", "/tmp"))
 
 BAD_CONFIG = """\
 # an operator's typos
@@ -100,10 +116,13 @@ def amd64_image() -> Path:
     return build("amd64", "pc")
 
 
-def _boot(image: Path, arch: str, files: dict[str, str], name: str, tmp: Path) -> qemu_boot.BootResult:
+def _boot(image: Path, arch: str, files: dict[str, str], name: str, tmp: Path,
+          after_report: object = None) -> qemu_boot.BootResult:
     log = tmp / f"console-{name}.log"
     result = qemu_boot.boot_image(image, arch, dict(files), grow_mib=1024,
-                                  timeout_s=BOOT_TIMEOUT_S, log_path=log)
+                                  timeout_s=BOOT_TIMEOUT_S, log_path=log,
+                                  screen=SCREEN if arch == "amd64" else None,
+                                  after_report=after_report)  # type: ignore[arg-type]
     print(f"\n--- {arch} boot '{name}': console report (full console: {log})")
     for line in result.report:
         print(f"  {line}")
@@ -144,10 +163,61 @@ def test_bad_boot_config_keeps_defaults(amd64_image: Path, tmp_path: Path) -> No
     assert result.find(r"^SSH: off"), result.report
 
 
-@pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S)
+def reference_picture() -> np.ndarray:
+    """The image's default avatar at rest, as the kiosk renders it (512x512, RGB)."""
+    runtime = ReferenceRuntime()
+    asyncio.run(runtime.open(""))
+    return runtime.next_frame().image
+
+
+def avatar_on_screen(dump: np.ndarray, frame: np.ndarray) -> str | None:
+    """None if ``dump`` is the avatar letterboxed on black with nothing over it, else why not."""
+    h, w = dump.shape[:2]
+    side = min(w, h)  # a square frame: pillarboxed on a landscape screen
+    x0 = (w - side) // 2
+    if dump.max() == 0:
+        return "black"
+    bars = np.concatenate([dump[:, : x0 - 2], dump[:, x0 + side + 2:]], axis=1)
+    if bars.max() != 0:
+        return f"the black bars are not black ({np.count_nonzero(bars.max(axis=2))} lit pixels: console text?)"
+    area = dump[2:-2, x0 + 2: x0 + side - 2].astype(int)
+    ys = np.arange(2, h - 2) * frame.shape[0] // side
+    xs = np.arange(2, side - 2) * frame.shape[1] // side
+    want = frame[ys][:, xs].astype(int)
+    # the sway and blinks move a few pixels; text, a cursor or a wrong picture differ far more
+    differs = (np.abs(area - want).max(axis=2) > 48).mean()
+    if differs > 0.10:
+        return f"{differs:.0%} of the avatar area differs from the avatar"
+    return None
+
+
+def dump_until_avatar(qmp: qemu_boot.Qmp, result: qemu_boot.BootResult) -> list[tuple[float, Path, str | None]]:
+    """Screendumps every 5 s until the avatar is on the screen (then two more), or time out."""
+    frame, dumps, shown = reference_picture(), [], 0
+    deadline = time.monotonic() + SCREEN_WAIT_S
+    while time.monotonic() < deadline and shown < 3:
+        t = time.monotonic()
+        ppm = qmp.screendump(Path(f"/tmp/kiosk-screendump-{os.getpid()}.ppm"))
+        picture = read_ppm(ppm.read_bytes())
+        ppm.unlink()
+        path = write_png(PICTURES / f"screen-boot-{len(dumps):02d}.png", picture)
+        verdict = avatar_on_screen(picture, frame)
+        dumps.append((round(t - deadline + SCREEN_WAIT_S, 1), path, verdict))
+        shown += verdict is None
+        time.sleep(5.0)
+    return dumps
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S + SCREEN_WAIT_S)
 def test_valid_boot_config_is_applied_and_room_waits(amd64_image: Path, tmp_path: Path) -> None:
     files = {"appliance.toml": GOOD_CONFIG, "authorized_keys": OPERATOR_KEY}
-    result = _boot(amd64_image, "amd64", files, "good-config", tmp_path)
+    result = _boot(amd64_image, "amd64", files, "good-config", tmp_path, after_report=dump_until_avatar)
+    dumps = result.screen or []
+    print("screendumps after the boot report (seconds after it, file, what was wrong):")
+    for t, path, verdict in dumps:  # type: ignore[attr-defined]
+        print(f"  {t:6.1f} s  {path}  {verdict or 'the avatar, letterboxed, nothing over it'}")
+    assert dumps and dumps[-1][2] is None, "the avatar never showed on the screen"  # type: ignore[index]
+    assert sum(v is None for _, _, v in dumps) >= 3, "the avatar did not stay on the screen"  # type: ignore[attr-defined]
     assert result.find(r"boot config /boot/firmware/appliance.toml is in effect"), result.report
     assert not result.find(r"NOT applied")
     _assert_running(result)

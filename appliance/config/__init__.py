@@ -24,6 +24,7 @@ from appliance.config.schema import (
     SECTIONS,
     AudioSection,
     Config,
+    DisplaySection,
     GpioSection,
     Secret,
     describe,
@@ -35,7 +36,7 @@ from appliance.config.schema import (
 
 __all__ = [
     "BOOT_IMPORTED", "ETC_CONFIG", "ETC_DROPINS", "SECTIONS", "AudioSection", "Config", "ConfigError",
-    "GpioSection", "Problem", "Secret", "config_paths", "decode_toml", "describe", "effective_values",
+    "DisplaySection", "GpioSection", "Problem", "Secret", "config_paths", "decode_toml", "describe", "effective_values",
     "load_config", "load_last_good", "notes", "parse_layers", "render_default_toml", "restart_only_keys",
     "save_last_good",
 ]

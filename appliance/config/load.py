@@ -132,10 +132,10 @@ def _check_value(
         )
     meta = f.metadata
     if meta["choices"] and value not in meta["choices"]:
-        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return None, Problem(
-            path, line, key, f"got {value!r}", f"{hint}allowed: {', '.join(meta['choices'])}"
+            path, line, key, f"got {value!r}", f"{hint}allowed: {', '.join(map(str, meta['choices']))}"
         )
     low, high = meta["min"], meta["max"]
     if (low is not None and value < low) or (high is not None and value > high):

@@ -52,7 +52,7 @@ def setting(
     default: Any,
     help: str,
     *,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | tuple[int, ...] | None = None,
     min: float | None = None,
     max: float | None = None,
     reload: bool = True,
@@ -185,6 +185,18 @@ class GpioSection:
 
 
 @dataclass(frozen=True)
+class DisplaySection:
+    enabled: bool = setting(
+        True, "show the avatar full-screen on the local display (SDL2 KMSDRM); without a DRM "
+        "device (a development PC) the screen is simply off"
+    )
+    rotate: int = setting(
+        0, "turn the picture clockwise by this many degrees (a portrait-mounted monitor)",
+        choices=(0, 90, 180, 270),
+    )
+
+
+@dataclass(frozen=True)
 class StatusSection:
     socket: str = setting(
         "/run/appliance/status.sock", "unix socket that `appliance status` reads", reload=False
@@ -210,6 +222,7 @@ SECTIONS: dict[str, type] = {
     "audio": AudioSection,
     "visitor": VisitorSection,
     "gpio": GpioSection,
+    "display": DisplaySection,
     "status": StatusSection,
     "logging": LoggingSection,
 }
@@ -224,6 +237,7 @@ class Config:
     audio: AudioSection = field(default_factory=AudioSection)
     visitor: VisitorSection = field(default_factory=VisitorSection)
     gpio: GpioSection = field(default_factory=GpioSection)
+    display: DisplaySection = field(default_factory=DisplaySection)
     status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     # secrets read from *_file settings, keyed "section.key" (without _file)
@@ -278,7 +292,7 @@ def render_default_toml() -> str:
             meta = f.metadata
             extra = []
             if meta["choices"]:
-                extra.append("one of: " + ", ".join(meta["choices"]))
+                extra.append("one of: " + ", ".join(map(str, meta["choices"])))
             if meta["min"] is not None:
                 extra.append(f"range {meta['min']}..{meta['max']}")
             if not meta["reload"]:

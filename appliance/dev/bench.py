@@ -12,6 +12,10 @@ what a viewer of the room sees. For ``--seconds`` (default 60) it reports:
   the echo canceller's cost per 10 ms frame;
 - peak RSS of all three;
 - then it SIGKILLs the renderer and reports the gap in frames the subscriber saw;
+- the local screen (``--display offscreen`` (default) or ``x11``: on an Xvfb of its own;
+  ``none``: skipped): frames presented per second, frame-to-screen latency (frame handed to
+  the screen sink → ``SDL_RenderPresent`` returned; p50 and max) and the screen child's CPU;
+  ``--screen-only`` measures just that, without a room (no namespace, no root needed);
 - barge-in: ``clear_to_silence_ms`` (p50 and max over ``--interrupts``), from an
   agent's ``clear_buffer()`` to the avatar's voice falling silent at the
   subscriber (see ``bench_bargein.py``), on a quiet machine and with two
@@ -126,6 +130,50 @@ class CpuSample:
     at: float
 
 
+class Display:
+    """Where the kiosk's screen child draws: SDL's offscreen driver, or an Xvfb of our own."""
+
+    def __init__(self, driver: str) -> None:
+        self.driver, self.env, self._xvfb = driver, {"SDL_VIDEODRIVER": driver}, None
+        if driver == "x11":
+            read, write = os.pipe()
+            self._xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0",
+                                           "1920x1080x24", "-nolisten", "tcp"],
+                                          pass_fds=(write,), stderr=subprocess.DEVNULL)
+            os.close(write)
+            with os.fdopen(read) as f:
+                self.env["DISPLAY"] = ":" + f.readline().strip()
+
+    def close(self) -> None:
+        if self._xvfb is not None:
+            _stop([self._xvfb])
+
+
+async def screen_numbers(kiosk: KioskProcess, seconds: float) -> dict[str, float]:
+    """The screen's fps, frame-to-screen latency and its child's CPU, over ``seconds``."""
+    status = await kiosk.async_wait_for(
+        lambda s: (s.get("display") or {}).get("state") == "showing"
+        and (s["display"].get("latency_ms") or {}).get("p50") is not None, 60, "showed the avatar on the screen")
+    pid = status["display"]["pid"]
+    cpu0, t0 = _cpu(pid), time.monotonic()
+    fps, p50, worst = [], [], 0.0
+    while time.monotonic() - t0 < seconds:
+        await asyncio.sleep(1.0)
+        display = kiosk.status()["display"]
+        latency = display.get("latency_ms") or {}
+        fps.append(display["fps"])
+        if latency:
+            p50.append(latency["p50"])
+            worst = max(worst, latency["max"])
+    return {
+        "screen_fps": float(np.mean(fps)),
+        "screen_latency_p50_ms": float(np.median(p50)) if p50 else float("nan"),
+        "screen_latency_max_ms": worst,
+        "screen_child_cpu_s_per_s": (_cpu(pid) - cpu0) / (time.monotonic() - t0),
+        "screen_child_rss_mb": _rss_mb(pid),
+    }
+
+
 def _cpu(pid: int) -> float:
     with contextlib.suppress(psutil.Error):
         times = psutil.Process(pid).cpu_times()
@@ -162,10 +210,14 @@ def _aec(status: dict[str, Any]) -> tuple[float, int]:
 
 
 async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir: Path,
-                interrupts: int = 12, baseline: bool = True) -> dict[str, float]:
-    config = write_kiosk_config(workdir, url=url, api_key=api_key, api_secret=api_secret,
-                                extra='[audio]\nspeaker = "bench_speaker"\nmicrophone = "bench_mic"\n')
-    kiosk = KioskProcess(config, workdir / "kiosk.log", env=_audio_devices(workdir, seconds))
+                interrupts: int = 12, baseline: bool = True, display: str = "offscreen") -> dict[str, float]:
+    extra = '[audio]\nspeaker = "bench_speaker"\nmicrophone = "bench_mic"\n'
+    if display == "none":
+        extra += "[display]\nenabled = false\n"
+    config = write_kiosk_config(workdir, url=url, api_key=api_key, api_secret=api_secret, extra=extra)
+    screen = Display(display) if display != "none" else None
+    env = {**_audio_devices(workdir, seconds), **(screen.env if screen else {})}
+    kiosk = KioskProcess(config, workdir / "kiosk.log", env=env)
     kiosk.start()
     try:
         await kiosk.async_wait_for(lambda s: s["room"]["state"] == "live", 60, "went live")
@@ -214,6 +266,8 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
             "audio_child_peak_rss_mb": peak_audio,
             "gap_after_renderer_sigkill_ms": gap_ms,
         }
+        if screen is not None:
+            results.update(await screen_numbers(kiosk, min(seconds, 20.0)))
         voice = AgentVoice("kiosk")
         await voice.connect(url, make_token(api_key, api_secret, "lobby", "bench-agent", agent=True))
         await kiosk.async_wait_for(lambda s: s["agent"] == "bench-agent", 20, "saw the agent")
@@ -222,6 +276,8 @@ async def bench(url: str, api_key: str, api_secret: str, seconds: float, workdir
         await viewer.close()
     finally:
         kiosk.stop()
+        if screen is not None:
+            screen.close()
     if baseline:
         try:
             results.update(await _baseline(url, api_key, api_secret, interrupts))
@@ -291,7 +347,30 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-async def _run(seconds: float, host: str, interrupts: int, baseline: bool) -> dict[str, float]:
+async def screen_only(seconds: float, driver: str) -> dict[str, float]:
+    """The kiosk without a room (its LiveKit server is unreachable): only the screen measured."""
+    screen = Display(driver)
+    with tempfile.TemporaryDirectory(prefix="appliance-bench-") as workdir:
+        config = write_kiosk_config(Path(workdir), url="ws://127.0.0.1:9", api_key="k", api_secret="s" * 32)
+        kiosk = KioskProcess(config, Path(workdir) / "kiosk.log", env=screen.env)
+        kiosk.start()
+        try:
+            await kiosk.async_wait_for(lambda s: s["fps_10s"] > 20, 60, "rendered")
+            assert kiosk.proc is not None
+            sup, ren = kiosk.proc.pid, kiosk.renderer_pid()
+            s0, r0, t0 = _cpu(sup), _cpu(ren), time.monotonic()
+            results = {"seconds": seconds, **await screen_numbers(kiosk, seconds)}
+            window = time.monotonic() - t0
+            results["supervisor_cpu_s_per_s"] = (_cpu(sup) - s0) / window
+            results["renderer_cpu_s_per_s"] = (_cpu(ren) - r0) / window
+            return results
+        finally:
+            kiosk.stop()
+            screen.close()
+
+
+async def _run(seconds: float, host: str, interrupts: int, baseline: bool,
+               display: str = "offscreen") -> dict[str, float]:
     key, secret, port = "benchkey", os.urandom(16).hex(), 7880
     server = subprocess.Popen([sys.executable, "-m", "appliance.dev.server", "--host", host,
                                "--port", str(port), "--key", key],
@@ -301,7 +380,7 @@ async def _run(seconds: float, host: str, interrupts: int, baseline: bool) -> di
         await _wait_listening(host, port, 30.0)
         with tempfile.TemporaryDirectory(prefix="appliance-bench-") as workdir:
             return await bench(f"ws://{host}:{port}", key, secret, seconds, Path(workdir),
-                               interrupts, baseline)
+                               interrupts, baseline, display)
     finally:
         _stop([server])
 
@@ -328,7 +407,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="barge-ins measured per case (default 12)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the stock-AvatarRunner stand-in")
+    parser.add_argument("--display", choices=["offscreen", "x11", "none"], default="offscreen",
+                        help="where the screen child draws: SDL offscreen (default), x11 on an "
+                             "Xvfb of the benchmark's own, or none (screen off)")
+    parser.add_argument("--screen-only", action="store_true",
+                        help="measure only the local screen (no room, no namespace)")
     args = parser.parse_args(argv)
+
+    if args.screen_only:
+        results = asyncio.run(screen_only(args.seconds, args.display))
+        _print(f"appliance bench, local screen ({args.display})", results)
+        os._exit(0)
 
     from appliance.dev import netns
 
@@ -339,14 +428,19 @@ def main(argv: list[str] | None = None) -> int:
     namespace = netns.create("appl-bench")
     try:
         netns.enter(namespace)
-        results = asyncio.run(_run(args.seconds, namespace.host_a, args.interrupts, not args.no_baseline))
+        results = asyncio.run(_run(args.seconds, namespace.host_a, args.interrupts,
+                                   not args.no_baseline, args.display))
     finally:
         netns.remove(namespace)
-    print(f"appliance bench, reference avatar 512x512 @ 25 fps, {results.pop('seconds'):.0f} s window")
+    _print("appliance bench, reference avatar 512x512 @ 25 fps", results)
+    os._exit(0)  # see cli.main: never let the native runtime abort at interpreter exit
+
+
+def _print(title: str, results: dict[str, float]) -> None:
+    print(f"{title}, {results.pop('seconds'):.0f} s window")
     for key, value in results.items():
         print(f"  {key:44s} {value:10.3f}")
     sys.stdout.flush()
-    os._exit(0)  # see cli.main: never let the native runtime abort at interpreter exit
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Problems the operator must act on, as records, in one registry.
 
 Each problem is owned by the part that detects it (config, renderer, room,
-devices, boot import, updates): only that part reports it, and only that part
+devices, display, boot import, updates): only that part reports it, and only that part
 dismisses it, when its own check passes. So one part fixing itself can never
 erase another part's reason (a model swap once cleared the room's "not
 joining: ..." line). ``appliance status`` (``problems``), ``/metrics``,
@@ -32,7 +32,7 @@ __all__ = ["Problem", "Problems", "ProblemOwner"]
 
 log = logging.getLogger("appliance.status.problems")
 
-KINDS = ("config", "boot-config", "renderer", "room", "devices", "audio", "updates")
+KINDS = ("config", "boot-config", "renderer", "room", "devices", "audio", "display", "updates")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"{room.get('state')} ({room.get('reason')})",
         f"  fps:      {status.get('fps_10s')} (last 10 s)   uptime: {status.get('uptime_s')} s",
     ]
+    display = status.get("display")
+    if display:
+        lines.append(f"  display:  {display.get('summary')}")
     models = status.get("models")
     if models:
         line = f"  models:   {models.get('state')}, current {models.get('current') or 'the [avatar] model'}"
@@ -115,6 +118,7 @@ _PROBLEM_LABELS = {
     "updates": "update problem: ",
     "devices": "device:   ",
     "audio": "audio:    ",
+    "display": "display:  ",
 }
 
 
@@ -201,6 +205,19 @@ def prometheus_text(status: dict[str, Any]) -> str:
              aec.get("cost_s") or 0),
             ("appliance_audio_child_cpu_seconds_total", "counter", "CPU time of the audio child",
              audio.get("cpu_s") or 0),
+        ]
+    display = status.get("display")
+    if display:
+        latency = (display.get("latency_ms") or {}).get("p50")
+        metrics += [
+            ("appliance_screen_up", "gauge", "1 while the local screen shows the avatar",
+             int(display["state"] == "showing")),
+            ("appliance_screen_frames_per_second", "gauge", "frames presented on the local screen per second",
+             display["fps"]),
+            ("appliance_screen_latency_seconds", "gauge",
+             "frame handed to the screen to present returned (median over 1 s)",
+             latency / 1000 if latency is not None else float("nan")),
+            ("appliance_screen_restarts_total", "counter", "screen child restarts", display["restarts"]),
         ]
     problems = status.get("problems") or []
     lines = []

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from appliance.media import FrameFanout
     from appliance.models.rollout import ModelUpdates
     from appliance.room import KioskRoom
+    from appliance.screen.screen import Screen
 
 __all__ = ["Parts", "status_line", "snapshot"]
 
@@ -40,6 +41,7 @@ class Parts:
     last_presence: float | None  # monotonic time of the last motion/button event
     last_reload: str
     audio: AudioLink | None = None
+    screen: Screen | None = None
 
 
 def status_line(parts: Parts) -> str:
@@ -96,6 +98,7 @@ def snapshot(parts: Parts) -> dict[str, Any]:
         "devices": parts.devices.status() if parts.devices else None,
         # the audio child: visitor participant, microphone live/muted, echo canceller
         "audio": parts.audio.status() if parts.audio else None,
+        "display": parts.screen.status() if parts.screen else None,
         "last_presence_ago_s": round(now - parts.last_presence, 1) if parts.last_presence else None,
         # every open problem, with the setting to change and the fix
         "problems": [p.as_json() for p in problems.list()],
