@@ -95,7 +95,11 @@ if [ ! -d "$layer" ]; then
     mkdir -p "$wheels"
     # the same versions the test venv runs with; sdists (pyaudio, systemd-python) are built here,
     # against the build machine's Debian 12 (the rootfs has the matching run-time libraries)
+    # pip also saves the appliance wheel there: a stale one would be taken for this one (same
+    # version, older dependencies) next time, so none is kept
+    rm -f "$wheels"/appliance-*.whl
     "$python" -m pip wheel -qq --wheel-dir "$wheels" --constraint "$constraints" "$wheel" >&2
+    rm -f "$wheels"/appliance-*.whl
     tmp=$(mktemp -d "$cache/.venv-XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     cp -a --reflink=auto "$base/." "$tmp/"
