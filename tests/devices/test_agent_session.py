@@ -33,19 +33,20 @@ from livekit import rtc
 from livekit.agents import Agent, AgentSession, APIConnectOptions, llm, stt, tts, utils
 from livekit.agents.voice.avatar import DataStreamAudioOutput
 from livekit.plugins import silero
+from voices import room_response, visitor_voice
 
 from appliance.auth import PUBLISH_ON_BEHALF
 from appliance.dev.bench import KioskProcess, write_kiosk_config
 from appliance.dev.demo import Viewer, make_token, read_wav
 from appliance.runtimes.reference import mouth_box_for, mouth_open_fraction
 from appliance.supervisor import bundled_model
-from voices import room_response, visitor_voice
 
 KIOSK = "kiosk-session"
 VISITOR = f"{KIOSK}-visitor"
 AGENT = "agent-session"
 ROOM = "lobby"
 REPLY = "Welcome! I am the avatar of this kiosk."
+CONNECT = APIConnectOptions()
 
 
 class HeardSTT(stt.STT):
@@ -75,7 +76,7 @@ class ReplyLLM(llm.LLM):
     """Answers every turn with the same sentence."""
 
     def chat(self, *, chat_ctx: llm.ChatContext, tools: list | None = None,  # type: ignore[override]
-             conn_options: APIConnectOptions = APIConnectOptions(), **_: object) -> llm.LLMStream:
+             conn_options: APIConnectOptions = CONNECT, **_: object) -> llm.LLMStream:
         return _ReplyStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
 
 
@@ -89,14 +90,14 @@ class _WavStream(tts.ChunkedStream):
 
 
 class WavTTS(tts.TTS):
-    """Speaks the bundled sentence, twice over (a reply long enough to talk over)."""
+    """Speaks the bundled sentence four times over (~18 s: a reply long enough to talk over)."""
 
     def __init__(self) -> None:
         pcm, rate = read_wav()
         super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=rate, num_channels=1)
-        self.pcm = np.concatenate([pcm, pcm])
+        self.pcm = np.concatenate([pcm] * 4)
 
-    def synthesize(self, text: str, *, conn_options: APIConnectOptions = APIConnectOptions()) -> tts.ChunkedStream:
+    def synthesize(self, text: str, *, conn_options: APIConnectOptions = CONNECT) -> tts.ChunkedStream:
         return _WavStream(tts=self, input_text=text, conn_options=conn_options)
 
 
