@@ -119,13 +119,13 @@ async def test_the_visitor_is_heard_the_avatar_is_not(devserver: Any, tmp_path: 
             status = await kiosk.async_wait_for(
                 lambda s: s["room"]["state"] == "live" and (s["audio"]["visitor"] or {}).get("state") == "live"
                 and s["audio"]["microphone"] == "live", 60, "had the visitor live")
-            # the agent first: today the kiosk serves the first agent-kind participant it sees
-            await agent.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM,
-                                                          "agent-voice", agent=True))
-            await kiosk.async_wait_for(lambda s: s["agent"] == "agent-voice", 20, "served the agent")
             # an agent-kind participant, as LiveKit Agents joins: it hears the visitor participant
             await listener.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM,
                                                              "listener", agent=True))
+            # then the agent that speaks: the kiosk serves the newest conversation agent
+            await agent.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM,
+                                                          "agent-voice", agent=True))
+            await kiosk.async_wait_for(lambda s: s["agent"] == "agent-voice", 20, "served the agent")
             await _wait(lambda: len(listener.audio) > 25, 20, "no audio from the visitor participant")
             assert room.refresh().reader_found, "the audio child never read the microphone file"
 
