@@ -149,7 +149,7 @@ class AudioLink:
             log.warning("audio child: %s — restarting it in %.0f s (the room keeps its video)",
                         reason, delay, extra={"reason": reason})
             if self._problems is not None:
-                self._problems.report(f"audio child {reason}; restarting in {delay:.0f} s",
+                self._problems.report(f"the audio child stopped ({reason}); restarting in {delay:.0f} s",
                                       subject="audio child", setting="[audio]",
                                       fix="see the journal; the kiosk restarts it by itself")
             await asyncio.sleep(delay)
