@@ -158,8 +158,8 @@ class AgentLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # speech still flows; front ends just do not pair us with it
-            log.warning("cannot set %s=%s on the kiosk (%s): the token needs canUpdateOwnMetadata "
-                        "(a token_url must grant it for kind=agent)", PUBLISH_ON_BEHALF, identity, exc)
+            log.warning("cannot set %s=%s on the kiosk (%s): [livekit] token_url must answer kind=agent "
+                        "with canUpdateOwnMetadata; speech still plays", PUBLISH_ON_BEHALF, identity, exc)
 
     def end_reply(self) -> None:
         """The agent or the room went away mid-reply: the rest of it is not played."""
