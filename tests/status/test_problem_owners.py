@@ -50,6 +50,9 @@ class Kiosk:
         self.sup = Supervisor(load_config([self.conf]), load=lambda: load_config([self.conf]))
         self._run = asyncio.create_task(self.sup.run())
         await until("the status socket", lambda: self.socket.exists(), 30)
+        # The room link raises its problem once it first tries to join, which on a busy
+        # machine can be after the socket answers: the tests start from it standing.
+        await self.wait_problems("room", True)
 
     async def reload(self) -> None:
         assert self.sup is not None
