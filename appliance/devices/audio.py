@@ -197,6 +197,15 @@ def _asound_cards() -> str:
         return ""
 
 
+def _kernel_card(wanted: str, cards: str) -> str:
+    """The /proc/asound/cards line naming ``wanted``, as "N (its name)", or ""."""
+    for line in cards.splitlines():
+        number, _, rest = line.strip().partition(" ")
+        if number.isdigit() and wanted and wanted in rest.lower():
+            return f"{number} ({rest.split(':', 1)[-1].strip()})"
+    return ""
+
+
 class AudioHost:
     """One PortAudio for the process, shared by the speaker and the microphone.
 
@@ -249,6 +258,13 @@ class AudioHost:
             kind = "output" if output else "input"
             if not matches:
                 have = ", ".join(repr(info["name"]) for _, info in devices[:12]) or "none"
+                card = _kernel_card(wanted, self._cards)
+                if card:
+                    # PortAudio lists only devices it could open while enumerating: a card the
+                    # kernel has but PortAudio does not is held by another program
+                    raise AudioDeviceError(
+                        setting, f"{name!r} is sound card {card} but cannot be opened as an {kind}:"
+                        " probably busy", "stop the other program using it (fuser -v /dev/snd/*)")
                 raise AudioDeviceError(
                     setting, f"no {kind} device matching {name!r} (have: {have})",
                     f"set {setting.split()[-1]} to one of these names, or empty to turn it off",

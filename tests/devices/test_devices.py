@@ -87,8 +87,29 @@ if args.get("fail_write"):  # the device vanishes once, on this write
         return write(self, *a, **kw)
     pyaudio.PyAudio.Stream.write = flaky
 
+if args.get("fail_read"):  # the microphone is unplugged once, on this read
+    read, reads = pyaudio.PyAudio.Stream.read, [0]
+    def unplugged(self, *a, **kw):
+        reads[0] += 1
+        if reads[0] == args["fail_read"]:
+            raise OSError(-9999, "Unanticipated host error")
+        return read(self, *a, **kw)
+    pyaudio.PyAudio.Stream.read = unplugged
+
+if args.get("busy_input"):  # another program holds the input device: PortAudio's probe says so
+    held = pyaudio.PyAudio.is_format_supported
+    def busy(self, rate, *a, **kw):
+        if kw.get("input_device") is not None:
+            raise ValueError("Device unavailable")
+        return held(self, rate, *a, **kw)
+    pyaudio.PyAudio.is_format_supported = busy
+
 from appliance.config import AudioSection, GpioSection
 from appliance.devices import Devices
+
+if args.get("kernel_cards"):  # what /proc/asound/cards says (this machine has no sound card)
+    import appliance.devices.audio as audio_module
+    audio_module._asound_cards = lambda: args["kernel_cards"]
 
 async def main():
     loop = asyncio.get_running_loop()
@@ -123,6 +144,7 @@ async def main():
                              "rate": devices.microphone._stream.rate}
         samples = np.concatenate([np.frombuffer(f.data, np.int16) for f in frames])
         np.save(args["save"], samples)
+        out["microphone"].update(devices.microphone.stats())
     devices.close()
     print(json.dumps(out))
 
@@ -258,6 +280,45 @@ def test_microphone_resamples_from_the_device_rate(alsa: Any) -> None:
     assert abs(_peak_hz(captured, 16000) - 1000) < 3
     expected_rms = 0.5 * 32767 / np.sqrt(2)
     assert abs(captured.astype(np.float64).std() - expected_rms) < 0.03 * expected_rms
+
+
+def test_an_unplugged_microphone_is_reopened_and_frames_flow_again(alsa: Any) -> None:
+    source = _tone(16000, 1000, 2.0, 0.5)
+    source.tofile(alsa.mic)
+    result, log = alsa("mic", microphone="kiosk_mic", frames=60, fail_read=10)  # 1.2 s
+    mic = result["microphone"]
+    assert mic["reopened"] == 1 and not mic["lost"], mic
+    lost = [line for line in log.splitlines() if "stopped working" in line]
+    assert len(lost) == 1 and lost[0].startswith("WARNING [audio] microphone: 'kiosk_mic'"), log
+    assert "check its cable" in lost[0]
+    assert log.count("is back after") == 1
+    # the reopened device reads its infile from the start again: 20 ms frames keep coming
+    assert len(np.load(alsa.mic.with_name("mic.npy"))) == 60 * 320
+
+
+def test_a_busy_microphone_is_one_line_with_the_fix(alsa: Any) -> None:
+    _tone(16000, 1000, 0.5, 0.5).tofile(alsa.mic)
+    result, log = alsa("busy", speaker="kiosk_speaker", microphone="kiosk_mic", busy_input=True,
+                       amplitude=0.5, tone_hz=440, seconds=0.2)
+    assert result["microphone"] is None and result["speaker"] is not None  # the speaker still plays
+    errors = [line for line in log.splitlines() if line.startswith("ERROR")]
+    assert errors == ["ERROR [audio] microphone: 'kiosk_mic' is busy (Device unavailable)"
+                      " — stop the other program using it (fuser -v /dev/snd/*)"], log
+
+
+def test_a_card_portaudio_could_not_open_is_called_busy_not_missing(alsa: Any) -> None:
+    # PortAudio leaves out of its list any device it cannot open while enumerating (a card
+    # another program holds; here: a file PCM whose infile does not exist), so only the
+    # kernel's card list tells "busy" from "not plugged in"
+    cards = (" 0 [PCH            ]: HDA-Intel - HDA Intel PCH\n"
+             "                      HDA Intel PCH at 0xf7f10000 irq 32\n"
+             " 1 [kiosk_mic      ]: USB-Audio - kiosk_mic USB\n")
+    result, log = alsa("busy", microphone="kiosk_mic", kernel_cards=cards)
+    assert result["microphone"] is None
+    errors = [line for line in log.splitlines() if line.startswith("ERROR")]
+    assert errors == ["ERROR [audio] microphone: 'kiosk_mic' is sound card 1 (USB-Audio - kiosk_mic"
+                      " USB) but cannot be opened as an input: probably busy — stop the other"
+                      " program using it (fuser -v /dev/snd/*)"], log
 
 
 # -- GPIO ----------------------------------------------------------------------------------
