@@ -8,7 +8,10 @@ The image is never changed: it is copied (sparse) to a scratch file, the given f
 onto its boot partition (FAT, with mtools: no loop devices, no mounts), the copy is grown by
 --grow-mib (first boot grows the root filesystem), and QEMU boots it with UEFI firmware
 (OVMF / AAVMF), `-accel tcg`, a serial console, and user-mode networking with restrict=on:
-DHCP works, nothing leaves the machine, the LiveKit room is unreachable.
+DHCP works, nothing leaves the machine, the LiveKit room is unreachable. A caller that lives
+in a private network namespace with no route out (the test suite) may lift the restriction
+(``open_network=True``): the guest then reaches that namespace's own addresses, e.g. a dev
+server on 10.213.0.1, over TCP and UDP (WebRTC), and still nothing beyond it.
 
 The shipped image prints its state on every console once appliance.service is READY
 (appliance-boot-report.service): lines starting with "appliance:". This module waits for
@@ -110,12 +113,18 @@ def boot_image(
     keep_disk: Path | None = None,
     screen: tuple[int, int] | None = None,
     after_report: Callable[[Qmp, BootResult], object] | None = None,
+    open_network: bool = False,
+    ssh_port: int | None = None,
 ) -> BootResult:
     """Boot a scratch copy of ``image`` and collect the console until the boot report ends.
 
     ``screen=(w, h)`` (amd64) adds a virtio-vga display of that size (nothing is shown on the
     host: ``-display none``); ``after_report(qmp, result)`` then runs once the report ended,
-    before QEMU is stopped, with a QMP connection (``qmp.screendump(path)``)."""
+    before QEMU is stopped, with a QMP connection (``qmp.screendump(path)``).
+
+    ``open_network``: user-mode networking without restrict=on. Only inside a network
+    namespace that routes nowhere (see the module's docstring). ``ssh_port``: the guest's
+    port 22 answers on 127.0.0.1:ssh_port of the caller's namespace."""
     code, vars_template = FIRMWARE[arch]
     with tempfile.TemporaryDirectory(prefix="kiosk-boot-", dir=os.environ.get("IMAGE_SCRATCH")) as tmp:
         disk = Path(tmp) / "disk.img"
@@ -144,7 +153,8 @@ def boot_image(
             "-drive", f"if=pflash,format=raw,unit=1,file={nvram}",
             "-drive", f"file={disk},format=raw,if=virtio,cache=unsafe",
             # user-mode network, restricted: DHCP inside, no packet leaves the host
-            "-nic", f"user,model={nic},restrict=on",
+            "-nic", f"user,model={nic}" + ("" if open_network else ",restrict=on")
+            + (f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""),
             "-device", "virtio-rng-pci",
             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
         ]
@@ -244,13 +254,15 @@ def _watch(cmd: list[str], timeout_s: float, log_path: Path | None, echo: bool,
     elif result.finished:
         # a "problem:" line may follow the fps line
         time.sleep(2.0)
-    if after_report is not None and result.finished and proc.poll() is None:
-        result.screen = after_report(result)
-    proc.kill()
-    proc.wait()
-    thread.join(5)
-    if log:
-        log.close()
+    try:
+        if after_report is not None and result.finished and proc.poll() is None:
+            result.screen = after_report(result)
+    finally:  # a failed check must not leave QEMU running
+        proc.kill()
+        proc.wait()
+        thread.join(5)
+        if log:
+            log.close()
     return result
 
 

@@ -6,6 +6,7 @@ that clients see; the signalling session drives it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -146,6 +147,16 @@ class Room:
     sid: str = field(default_factory=lambda: new_sid("RM"))
     created: float = field(default_factory=time.time)
     participants: dict[str, Participant] = field(default_factory=dict)  # by identity
+    # livekit-server's defaults: closed this long after it was created with nobody joining,
+    # and this long after the last participant that is not an agent left
+    empty_timeout: int = 300
+    departure_timeout: int = 20
+    metadata: str = ""
+    closing: asyncio.TimerHandle | None = None  # the pending close, if any
+
+    def keeps_open(self) -> bool:
+        """Whether someone other than an agent is here (agents alone do not keep a room)."""
+        return any(p.grant.kind != models.ParticipantInfo.Kind.AGENT for p in self.participants.values())
 
     def others(self, participant: Participant) -> list[Participant]:
         return [p for p in self.participants.values() if p is not participant]
@@ -157,8 +168,9 @@ class Room:
         return models.Room(
             sid=self.sid,
             name=self.name,
-            empty_timeout=300,
-            departure_timeout=20,
+            empty_timeout=self.empty_timeout,
+            departure_timeout=self.departure_timeout,
+            metadata=self.metadata,
             creation_time=int(self.created),
             creation_time_ms=int(self.created * 1000),
             num_participants=len(self.participants),

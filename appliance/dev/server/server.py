@@ -15,6 +15,15 @@ Routes, as the livekit SDKs use them:
 * `GET /rtc/validate` -> 200, or 401 with the reason; the SDK calls it after a
   failed connect and puts that text in its error.
 * `GET /viewer/` -> a page that watches the room in a browser (see `viewer.py`).
+* `POST /twirp/livekit.RoomService/*` and `livekit.AgentDispatchService/*` -> the server
+  APIs `livekit-api` and LiveKit Agents call (see `twirp.py`).
+* `GET /agent` (WebSocket) -> LiveKit Agents workers register and get jobs (see `agents.py`).
+
+Rooms are created by the first join, by RoomService.CreateRoom or by a dispatch, and
+closed as livekit-server closes them: ``empty_timeout`` after creation if nobody joined,
+``departure_timeout`` after the last participant who is not an agent left (agents alone
+do not keep a room open). Closing disconnects everyone with ROOM_CLOSED and ends the
+room's agent jobs.
 
 Every answer carries CORS headers for any origin, and preflight `OPTIONS` requests
 are answered for every path, like livekit-server (its tokens, not origins, decide
@@ -30,10 +39,13 @@ import socket
 
 from aiohttp import web
 from livekit.protocol import models, rtc
+from livekit.protocol import room as room_pb
 
 from appliance.dev.server import auth
+from appliance.dev.server.agents import Agents
 from appliance.dev.server.room import Participant, Room
 from appliance.dev.server.session import PING_INTERVAL, PING_TIMEOUT, ParticipantSession
+from appliance.dev.server.twirp import TwirpRoutes
 from appliance.dev.server.viewer import ViewerRoutes
 
 log = logging.getLogger(__name__)
@@ -114,6 +126,8 @@ class DevServer:
         self._runner: web.AppRunner | None = None
         self._sessions: set[ParticipantSession] = set()
         self._session_tasks: set[asyncio.Task] = set()
+        self.agents = Agents(self)
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -142,6 +156,8 @@ class DevServer:
         app.router.add_get("/rtc", self._signal)
         app.router.add_get("/", self._health)
         ViewerRoutes(self).add_to(app)
+        TwirpRoutes(self).add_to(app)
+        self.agents.add_to(app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
@@ -177,7 +193,11 @@ class DevServer:
             await asyncio.wait(tasks, timeout=5)
         await runner.shutdown()
         await runner.cleanup()
+        for room in self.rooms.values():
+            if room.closing is not None:
+                room.closing.cancel()
         self.rooms.clear()
+        self.agents.dispatches.clear()
         log.info("LiveKit dev server on %s stopped", self.url)
 
     async def __aenter__(self) -> DevServer:
@@ -187,9 +207,60 @@ class DevServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- rooms: created on the first join or by RoomService, closed as livekit-server does --
+
+    def open_room(self, name: str, create: room_pb.CreateRoomRequest | None = None) -> Room:
+        """The room ``name``, created (with its agent dispatches) if it does not exist."""
+        existing = self.rooms.get(name)
+        if existing is not None:
+            return existing
+        create = create or room_pb.CreateRoomRequest(name=name)
+        room = self.rooms[name] = Room(name=name, empty_timeout=create.empty_timeout or 300,
+                                       departure_timeout=create.departure_timeout or 20,
+                                       metadata=create.metadata)
+        log.info("room %s created", name)
+        self.agents.room_created(room, list(create.agents))
+        self._close_later(room, room.empty_timeout, "nobody joined")
+        return room
+
+    def _close_later(self, room: Room, after_s: float, why: str) -> None:
+        if room.closing is not None:
+            room.closing.cancel()
+
+        def close() -> None:
+            room.closing = None
+            if not room.keeps_open() and self.rooms.get(room.name) is room:
+                task = asyncio.get_running_loop().create_task(self.close_room(room, why))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+        room.closing = asyncio.get_running_loop().call_later(after_s, close)
+
+    def _room_joined(self, room: Room) -> None:
+        if room.keeps_open() and room.closing is not None:
+            room.closing.cancel()
+            room.closing = None
+
     def _room_emptied(self, room: Room) -> None:
-        if not room.participants and self.rooms.get(room.name) is room:
+        """A participant left: with none but agents left, close after departure_timeout."""
+        if not room.keeps_open() and room.closing is None and self.rooms.get(room.name) is room:
+            left = "only agents are left" if room.participants else "everyone left"
+            self._close_later(room, room.departure_timeout, f"{left} {room.departure_timeout} s ago")
+
+    async def close_room(self, room: Room, why: str) -> None:
+        """Disconnect everyone (ROOM_CLOSED), end the room's agent jobs, forget the room."""
+        if self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+        if room.closing is not None:
+            room.closing.cancel()
+            room.closing = None
+        log.info("room %s closed: %s", room.name, why)
+        leave = rtc.LeaveRequest(reason=models.DisconnectReason.ROOM_CLOSED,
+                                 action=rtc.LeaveRequest.Action.DISCONNECT)
+        for participant in list(room.participants.values()):
+            if participant.session is not None:
+                await participant.session.close(leave)
+        await self.agents.room_closed(room)
 
     # -- handlers ---------------------------------------------------------------
 
@@ -237,9 +308,7 @@ class DevServer:
             await ws.close()
             return ws
 
-        room = self.rooms.get(grant.room)
-        if room is None:
-            room = self.rooms[grant.room] = Room(name=grant.room)
+        room = self.open_room(grant.room)
         old = room.participants.get(grant.identity)
         if old is not None and old.session is not None:
             # Same identity joining again: the newcomer wins, as in livekit-server.
@@ -256,9 +325,10 @@ class DevServer:
             firefox=request.query.get("browser", "").lower() == "firefox",
             auto_subscribe=request.query.get("auto_subscribe", "1").lower() not in ("0", "false"),
         )
-        # The room may have been emptied (and dropped) while the old session closed.
-        room = self.rooms.setdefault(grant.room, room)
+        # The room may have been closed while the old session closed.
+        room = self.open_room(grant.room)
         room.participants[grant.identity] = participant
+        self._room_joined(room)
         session = ParticipantSession(self, ws, room, participant)
         log.info("%s joined %s as %s", grant.identity, room.name, participant.sid)
 

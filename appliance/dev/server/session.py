@@ -249,7 +249,7 @@ class ParticipantSession:
                 )
             )
         elif kind == "subscription":
-            await self._on_subscription(req.subscription)
+            await self.update_subscription(list(req.subscription.track_sids), req.subscription.subscribe)
         elif kind == "leave":
             log.info("%s: client leaves", self.label)
             return False
@@ -259,15 +259,16 @@ class ParticipantSession:
             log.debug("%s: ignoring %s", self.label, kind)
         return None
 
-    async def _on_subscription(self, req: rtc.UpdateSubscription) -> None:
-        """Selective subscription (clients that joined with auto_subscribe=False)."""
+    async def update_subscription(self, track_sids: list[str], subscribe: bool) -> None:
+        """Selective subscription (clients that joined with auto_subscribe=False, and
+        RoomService.UpdateSubscriptions)."""
         p = self.participant
         if not p.grant.can_subscribe:
             return
-        for sid in req.track_sids:
+        for sid in track_sids:
             owner = next((o for o in self.room.others(p) if sid in o.tracks), None)
             track = owner.tracks[sid] if owner is not None else None
-            if not req.subscribe:
+            if not subscribe:
                 await self.subscriber.remove_track(sid)
             elif owner is not None and track is not None and track.fanout is not None:
                 self.subscriber.add_track(stream_id(owner, track.info, p), sid, track.fanout)
