@@ -25,7 +25,7 @@ from livekit import api
 from appliance.config import Config, Secret
 from appliance.errors import OperatorError
 
-__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "Role", "AVATAR", "VISITOR",
+__all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "Role", "AVATAR", "VISITOR", "ROOM_ADMIN",
            "tokens_for",
            "PUBLISH_ON_BEHALF", "NO_AGENT_YET"]
 
@@ -39,10 +39,11 @@ NO_AGENT_YET = "none"
 class Role:
     """What a participant of the kiosk may be and do in the room."""
 
-    kind: str  # "agent" | "standard"
+    kind: str  # "agent" | "standard"; "" for a token that joins nothing
     can_subscribe: bool
     can_update_metadata: bool
     attributes: tuple[tuple[str, str], ...] = ()
+    room_admin: bool = False  # server API calls about the kiosk's own room, no join
 
 
 AVATAR = Role(kind="agent", can_subscribe=True, can_update_metadata=True,
@@ -50,6 +51,10 @@ AVATAR = Role(kind="agent", can_subscribe=True, can_update_metadata=True,
 # The visitor's microphone: the one standard participant, the user an agent links to; it
 # listens to nothing.
 VISITOR = Role(kind="standard", can_subscribe=False, can_update_metadata=False)
+# Agent dispatch (AgentDispatchService) for the kiosk's room only: roomAdmin of that one room,
+# minted (or fetched) when needed and short-lived, never a project-wide admin token.
+ROOM_ADMIN = Role(kind="", can_subscribe=False, can_update_metadata=False, room_admin=True)
+ADMIN_TTL_S = 600
 
 
 class TokenError(OperatorError):
@@ -105,6 +110,13 @@ class MintedTokens(TokenSource):
 
     async def _new_token(self) -> tuple[str, float]:
         role = self._role
+        if role.room_admin:
+            ttl_s = min(self._ttl_s, ADMIN_TTL_S)
+            admin = (api.AccessToken(self._api_key, self._api_secret.reveal())
+                     .with_identity(self._identity)
+                     .with_grants(api.VideoGrants(room_admin=True, room=self._room))
+                     .with_ttl(datetime.timedelta(seconds=ttl_s)).to_jwt())
+            return admin, float(ttl_s)
         grants = api.VideoGrants(
             room_join=True,
             room=self._room,
@@ -130,7 +142,9 @@ class FetchedTokens(TokenSource):
     """GET ``token_url?room=..&identity=..&kind=..`` → JSON {"token": "...", "ttl_s"?: n} or a bare JWT.
 
     The service should answer a token of that kind for that identity; for ``kind=agent`` (the
-    avatar) with ``canUpdateOwnMetadata``, so the avatar can name the agent it serves."""
+    avatar) with ``canUpdateOwnMetadata``, so the avatar can name the agent it serves. For agent
+    dispatch the kiosk asks ``?room=..&identity=..&grant=room_admin``: a short-lived token with
+    ``roomAdmin`` for that room only (no join)."""
 
     def __init__(self, *, url: str, room: str, identity: str, role: Role = AVATAR,
                  timeout_s: float = 10.0) -> None:
@@ -142,8 +156,8 @@ class FetchedTokens(TokenSource):
         self._timeout_s = timeout_s
 
     async def _new_token(self) -> tuple[str, float]:
-        query = urllib.parse.urlencode({"room": self._room, "identity": self._identity,
-                                        "kind": self._role.kind})
+        wants = {"grant": "room_admin"} if self._role.room_admin else {"kind": self._role.kind}
+        query = urllib.parse.urlencode({"room": self._room, "identity": self._identity, **wants})
         url = f"{self._url}{'&' if '?' in self._url else '?'}{query}"
         try:
             timeout = aiohttp.ClientTimeout(total=self._timeout_s)

@@ -80,7 +80,13 @@ def _check_each(targets: list[str]) -> int:
 
 def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[Problem]) -> int:
     from appliance.config.watch import ConfigWatcher
-    from appliance.dev.local import dev_banner, dev_overrides, start_dev_server
+    from appliance.dev.local import (
+        dev_banner,
+        dev_overrides,
+        start_dev_server,
+        start_example_agent,
+        stop_example_agent,
+    )
     from appliance.supervisor import Supervisor
 
     paths = config_paths(args.config)
@@ -92,11 +98,13 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[P
         return load_config(now + [p for p in paths if p not in now])
 
     async def main() -> None:
-        server = None
+        server = worker = None
         load = load_layers
         if args.dev:
             server = await start_dev_server(viewer_room=config.livekit.room)
             load = lambda: dev_overrides(load_layers())  # noqa: E731
+            if not config.agent.name:  # the operator names none: the bundled example agent
+                worker = start_example_agent(server)
         supervisor = Supervisor(dev_overrides(config) if args.dev else config, load=load)
         supervisor.report_config_problems(problems, logged=True)  # cmd_run logged them
         loop = asyncio.get_running_loop()
@@ -108,11 +116,13 @@ def _run_until_signal(args: argparse.Namespace, config: Config, problems: list[P
                                 lambda: supervisor.request_reload("file changed"))
         watcher.start()
         if server is not None:
-            print(dev_banner(server, supervisor.config.livekit.room), file=sys.stderr)
+            print(dev_banner(server, supervisor.config, worker is not None), file=sys.stderr)
         try:
             await supervisor.run()
         finally:
             watcher.stop()
+            if worker is not None:
+                await asyncio.to_thread(stop_example_agent, worker)
             if server is not None:
                 await server.stop()
 
@@ -183,6 +193,39 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"appliance is not running (no answer on {path}: {exc.strerror or exc})", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def cmd_presence(args: argparse.Namespace) -> int:
+    """`appliance presence arrive|leave`: play a visitor (what the motion sensor would say)."""
+    from appliance.status.control import control_socket_for, send_command
+
+    status_socket = args.socket
+    if status_socket is None:
+        try:
+            status_socket = _load(args).status.socket
+        except ConfigError:
+            status_socket = "/run/appliance/status.sock"
+    path = control_socket_for(status_socket)
+    try:
+        answer = send_command(path, {"command": "presence", "action": args.action})
+    except PermissionError:
+        print(f"appliance presence needs root: {path} is the daemon's own (sudo appliance presence "
+              f"{args.action})", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"appliance is not running (no answer on {path}: {exc.strerror or exc})", file=sys.stderr)
+        return EXIT_FAILURE
+    if not answer.get("ok"):
+        print(answer.get("error"), file=sys.stderr)
+        return EXIT_FAILURE
+    presence = answer.get("presence") or {}
+    if presence.get("present"):
+        ending = presence.get("ending_in_s")
+        print("a visitor is here" + (f"; the visit ends in {ending:.0f} s unless someone is seen"
+                                     if ending is not None else ""))
+    else:
+        print("nobody is here")
     return EXIT_OK
 
 
@@ -285,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", help="status socket (default: [status] socket)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    presence = sub.add_parser("presence", help="play a visitor: arrive or leave (root)")
+    presence.add_argument("action", choices=["arrive", "leave"])
+    with_config(presence)
+    presence.add_argument("--socket", help="status socket; commands go to control.sock beside it")
+    presence.set_defaults(func=cmd_presence)
 
     models = sub.add_parser("models", help="avatar models: list, update, roll back; publish (operator side)")
     msub = models.add_subparsers(dest="action", required=True)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
-from appliance.auth import VISITOR, TokenError, tokens_for
+from appliance.auth import ROOM_ADMIN, VISITOR, TokenError, tokens_for
 from appliance.backends.local import LocalBackend
 from appliance.config import Config, ConfigError, Problem, restart_only_keys, save_last_good
 from appliance.config.boot import refused_import
@@ -35,10 +35,13 @@ from appliance.media import FpsMeter, FrameFanout
 from appliance.models.manifest import UpdateError
 from appliance.models.rollout import ModelUpdates
 from appliance.models.store import ModelEntry
+from appliance.presence import Presence
 from appliance.renderer import Renderer, RendererSpec
 from appliance.room import KioskRoom, RoomOptions, RoomState
+from appliance.room.dispatch import Conversation
 from appliance.runtimes import VideoSpec
 from appliance.screen.screen import Screen
+from appliance.status.control import ControlServer, control_socket_for
 from appliance.status.logs import apply_levels
 from appliance.status.problems import Problems
 from appliance.status.server import HealthServer, StatusServer
@@ -99,6 +102,10 @@ class Supervisor:
         self._presence_task: asyncio.Task[None] | None = None
         self.screen: Screen | None = None  # the local display (its own supervised child)
         self.last_presence: float | None = None  # monotonic time of the last motion/button event
+        self.presence = Presence(end_after_absent_s=config.agent.end_after_absent_s,
+                                 max_session_s=config.agent.max_session_s, on_visit=self._on_visit)
+        self.conversation: Conversation | None = None  # presence → agent dispatch, with the room
+        self._conversation_task: asyncio.Task[None] | None = None
         self.last_reload = ""
         self.reporter = Reporter(notifier or Notifier(), flowing=self.frames_flowing,
                                  failed=self.backend.failed, line=self.status_line,
@@ -172,13 +179,17 @@ class Supervisor:
             await server.close()
         await self.close()
 
-    async def _start_status_servers(self) -> list[StatusServer | HealthServer]:
+    async def _start_status_servers(self) -> list[StatusServer | HealthServer | ControlServer]:
         """`appliance status` on its socket and, if asked for, /healthz and /metrics: a
         kiosk that cannot serve its status still serves the avatar."""
         status = self.config.status
-        wanted: list[tuple[StatusServer | HealthServer, str]] = [(
+        control = control_socket_for(status.socket)
+        wanted: list[tuple[StatusServer | HealthServer | ControlServer, str]] = [(
             StatusServer(status.socket, self.status),
             f"[status] socket: cannot listen on {status.socket} — `appliance status` will not work",
+        ), (
+            ControlServer(control, {"presence": self._presence_command}),
+            f"[status] socket: cannot listen on {control} — `appliance presence` will not work",
         )]
         if status.http_port:
             wanted.append((HealthServer(status.http_port, self.status),
@@ -207,6 +218,7 @@ class Supervisor:
         if self.devices is not None:
             self.devices.set_led(LedState.OFF)
         await self.backend.close()  # its frames end, and with them the fan-out
+        self.presence.close()
         await self._tasks.close()
         await self._close_devices()
         if self.screen is not None:
@@ -220,7 +232,7 @@ class Supervisor:
         audio = dataclasses.replace(config.audio, speaker="", microphone="")
         devices = await asyncio.to_thread(
             Devices.open, audio, config.gpio, asyncio.get_running_loop(),
-            on_motion=self._on_presence, on_button=self._on_presence,
+            on_motion=self._on_motion, on_button=self._on_button,
         )
         self.devices = devices
         self.problems.owner("devices").replace(
@@ -241,12 +253,37 @@ class Supervisor:
         self.fanout.add_sink(self.screen)
         self._tasks.spawn(self.screen.run(), "screen")
 
+    def _on_motion(self, active: bool) -> None:
+        self.presence.motion(active)
+        self._on_presence(active)
+
+    def _on_button(self, pressed: bool) -> None:
+        self.presence.button(pressed)
+        self._on_presence(pressed)
+
+    def _presence_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`appliance presence arrive|leave` (root, over the control socket)."""
+        action = request.get("action")
+        if action == "arrive":
+            self.presence.arrive("appliance presence")
+            self._on_presence(True)
+        elif action == "leave":
+            self.presence.leave("appliance presence")
+        else:
+            return {"ok": False, "error": f"presence: unknown action {action!r} (arrive or leave)"}
+        return {"ok": True, "presence": self.presence.status()}
+
+    def _on_visit(self, started: bool, why: str) -> None:
+        if self.conversation is not None:
+            self.conversation.visit(started)
+        self._status_changed()
+
     def _on_presence(self, active: bool) -> None:
-        """A visitor moved or pressed the button: recorded, shown in status, and with
-        [audio] mic_when = "presence" the microphone is live until presence_hold_s after it."""
+        """A sign of a visitor: recorded, shown in status, and with [audio] mic_when =
+        "presence" the microphone is live until presence_hold_s after it."""
         if active:
             self.last_presence = time.monotonic()
-            log.info("visitor presence (motion sensor or button)")
+            log.info("visitor presence (motion sensor, button or `appliance presence`)")
             if self.audio is not None and self.config.audio.mic_when == "presence":
                 self.audio.set_presence(True)
                 if self._presence_task is not None:
@@ -339,8 +376,32 @@ class Supervisor:
         )
         self.fanout.add_sink(self.room)
         self._room_task = self._tasks.spawn(self.room.run(), "room")
+        self._start_conversation(config)
+
+    def _start_conversation(self, config: Config) -> None:
+        owner = self.problems.owner("agent")
+        owner.clear()
+        try:
+            admin = tokens_for(config, ROOM_ADMIN)
+        except TokenError:
+            admin = None  # the room's own problem says why: no conversation without a room
+        room = self.room
+        self.conversation = Conversation(
+            config.agent, url=config.livekit.url, room=config.livekit.room, avatar=config.livekit.identity,
+            visitor=config.visitor_identity, tokens=admin, problems=owner,
+            served_agent=lambda: room.agent_identity if room is not None else None,
+            on_change=self._status_changed)
+        if self.presence.present:
+            self.conversation.visit(True)
+        if admin is not None:
+            self._conversation_task = self._tasks.spawn(self.conversation.run(), "conversation")
+
+    async def _stop_conversation(self) -> None:
+        task, self._conversation_task = self._conversation_task, None
+        await self._tasks.stop(task)  # deletes its dispatch on the way out
 
     async def _stop_room(self) -> None:
+        await self._stop_conversation()
         room, task = self.room, self._room_task
         self.room, self._room_task = None, None
         if room is not None:
@@ -415,10 +476,16 @@ class Supervisor:
                     f"new model not used: {reason}; the current one keeps serving",
                     subject=wanted.model, setting="[avatar] model",
                     fix="fix the model or point [avatar] model back at a working one")
+        if any(key.startswith("agent.") for key in changed):
+            self.presence.set_limits(end_after_absent_s=new.agent.end_after_absent_s,
+                                     max_session_s=new.agent.max_session_s)
         if any(key.startswith(("livekit.", "secret livekit")) for key in changed):
             log.info("rejoining: LiveKit settings changed", extra={"room": new.livekit.room})
             await self._stop_room()
             self._start_room(new)
+        elif any(key.startswith(("agent.", "visitor.")) for key in changed) and self.room is not None:
+            await self._stop_conversation()
+            self._start_conversation(new)
 
     async def _swap_to_entry(self, entry: ModelEntry | None, deadline_s: float) -> str | None:
         return await self.backend.switch_to(renderer_spec(self.config, entry), deadline_s)
@@ -434,7 +501,7 @@ class Supervisor:
     def _parts(self) -> Parts:
         return Parts(self.config, self.started_at, self.backend, self.fanout, self.room,
                      self.updates, self.devices, self.problems, self.last_presence, self.last_reload,
-                     self.audio, self.screen)
+                     self.audio, self.screen, self.presence, self.conversation)
 
     def status_line(self) -> str:
         return status_line(self._parts())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import stat
@@ -22,6 +23,7 @@ from typing import Any
 from appliance.config import text as config_text
 from appliance.config.schema import (
     SECTIONS,
+    AgentSection,
     AvatarSection,
     Config,
     FallbackSection,
@@ -311,6 +313,17 @@ def _cross_checks(
                                                  models.update_window):
         problems.append(Problem(*where("models.update_window"), "[models] update_window",
                                 f"got {models.update_window!r}", 'write HH:MM-HH:MM, e.g. "02:00-05:00"'))
+    agent: AgentSection = sections["agent"]
+    if agent.metadata:
+        try:
+            fields = json.loads(agent.metadata)
+        except ValueError as exc:
+            fields = exc
+        if not isinstance(fields, dict):
+            problems.append(Problem(*where("agent.metadata"), "[agent] metadata",
+                                    f"not a JSON object ({fields})" if isinstance(fields, ValueError)
+                                    else f"a JSON {type(fields).__name__}, not an object",
+                                    "write a JSON object in single quotes, e.g. metadata = '{\"language\": \"en\"}'"))
     fallback: FallbackSection = sections["fallback"]
     if "gpu" in fallback.ladder and not fallback.gpu_api_url:
         problems.append(Problem(*where("fallback.ladder"), "[fallback] gpu_api_url",

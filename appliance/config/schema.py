@@ -178,6 +178,27 @@ class VisitorSection:
 
 
 @dataclass(frozen=True)
+class AgentSection:
+    name: str = setting(
+        "", "agent_name of the conversation agent to dispatch into the room (LiveKit explicit "
+        "dispatch); empty = rely on the server's automatic dispatch (one agent when the room is created)")
+    dispatch: str = setting(
+        "presence", "when to have an agent in the room: for each visitor (presence: motion, the "
+        "button, `appliance presence arrive`), always, or off", choices=("presence", "always", "off"))
+    end_after_absent_s: float = setting(
+        60.0, "end the conversation (delete the dispatch) once no visitor was seen for this long",
+        min=1, max=3600)
+    max_session_s: float = setting(
+        1800.0, "end a conversation after this long even if someone is still there; 0 = no limit",
+        min=0, max=86400)
+    metadata: str = setting(
+        "", "JSON object passed to the agent's job (ctx.job.metadata); the kiosk adds "
+        "\"kiosk_avatar\" and \"kiosk_visitor\", the identities to talk to and through")
+    join_timeout_s: float = setting(
+        20.0, "say so in status when no agent joined this long after a dispatch", min=1, max=600)
+
+
+@dataclass(frozen=True)
 class GpioSection:
     motion_pin: str = setting("", "motion sensor input, e.g. \"GPIO17\"; empty = none")
     button_pin: str = setting("", "push button input, e.g. \"GPIO27\"; empty = none")
@@ -221,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "fallback": FallbackSection,
     "audio": AudioSection,
     "visitor": VisitorSection,
+    "agent": AgentSection,
     "gpio": GpioSection,
     "display": DisplaySection,
     "status": StatusSection,
@@ -236,6 +258,7 @@ class Config:
     fallback: FallbackSection = field(default_factory=FallbackSection)
     audio: AudioSection = field(default_factory=AudioSection)
     visitor: VisitorSection = field(default_factory=VisitorSection)
+    agent: AgentSection = field(default_factory=AgentSection)
     gpio: GpioSection = field(default_factory=GpioSection)
     display: DisplaySection = field(default_factory=DisplaySection)
     status: StatusSection = field(default_factory=StatusSection)

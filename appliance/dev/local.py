@@ -1,4 +1,6 @@
-"""The embedded development setup: a local LiveKit-compatible server for `make run`.
+"""The embedded development setup of `make run`: a local LiveKit-compatible server, the
+kiosk pointed at it, and the bundled example agent (``example_agent.py``) registered with it,
+dispatched for each visitor (``[agent] name`` defaults to it here).
 
 The dev server's API secret is generated once per user and kept in a 0600 file
 (never in a TOML file), so `appliance demo` in another terminal can mint
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,21 +60,49 @@ async def start_dev_server(viewer_room: str | None = None) -> DevServer:
 
 
 def dev_overrides(config: Config) -> Config:
-    """Point [livekit] at the dev server (the rest of the config stays the operator's)."""
+    """Point [livekit] at the dev server, and [agent] at the example agent unless the operator
+    named their own (the rest of the config stays the operator's)."""
+    from appliance.dev.example_agent import AGENT_NAME
+
     livekit = dataclasses.replace(config.livekit, url=dev_url(), api_key=DEV_API_KEY, token_url="")
+    agent = config.agent if config.agent.name else dataclasses.replace(config.agent, name=AGENT_NAME)
     secrets_ = dict(config.secrets)
     secrets_["livekit.api_secret"] = dev_secret()
-    return dataclasses.replace(config, livekit=livekit, secrets=secrets_)
+    return dataclasses.replace(config, livekit=livekit, agent=agent, secrets=secrets_)
 
 
-def dev_banner(server: DevServer, room: str) -> str:
-    """What `appliance run --dev` prints: where to watch, and how to make the avatar speak."""
+def start_example_agent(server: DevServer) -> subprocess.Popen[bytes]:
+    """The example agent's worker, registered with ``server`` (its own process group: Ctrl-C
+    reaches the kiosk, which stops it)."""
+    env = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
+               LIVEKIT_API_SECRET=server.api_secret)
+    return subprocess.Popen([sys.executable, "-m", "appliance.dev.example_agent", "start",
+                             "--log-level", "warn"], env=env, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_example_agent(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    try:
+        worker.wait(15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def dev_banner(server: DevServer, config: Config, example_agent: bool) -> str:
+    """What `appliance run --dev` prints: where to watch, how a visitor arrives."""
     from appliance.dev.server.viewer import client_installed, missing_client_help
 
     watch = (f"  Watch and hear the avatar in a browser on this machine: {server.viewer_url}"
              if client_installed() else f"  No browser viewer: {missing_client_help()}.")
+    socket = "" if config.status.socket == "/run/appliance/status.sock" else f" --socket {config.status.socket}"
+    agent = (f"the example agent {config.agent.name!r} greets each visitor and answers them"
+             if example_agent else f"agent {config.agent.name!r} (start its worker against {server.url})")
     return (
-        f"\nappliance: dev server on {server.url}, room {room!r}.\n{watch}\n"
-        "  To make it speak: `make demo` in another terminal (also writes demo.mp4).\n"
+        f"\nappliance: dev server on {server.url}, room {config.livekit.room!r}; {agent}.\n{watch}\n"
+        f"  A visitor arrives: `appliance presence arrive{socket}` in another terminal"
+        f" (and leaves: `appliance presence leave{socket}`).\n"
+        "  Or make the avatar speak a sentence: `make demo` (also writes demo.mp4).\n"
         "  Stop with Ctrl-C.\n"
     )

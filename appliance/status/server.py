@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def format_status(status: dict[str, Any]) -> str:
             line += f", next check in {models['next_check_in_s']:.0f} s"
         lines.append(line)
     lines += audio_lines(status.get("audio"))
+    lines += conversation_lines(status.get("presence"), status.get("conversation"))
     for problem in status.get("problems") or []:
         label = _PROBLEM_LABELS.get(problem.get("kind", ""), "problem:  ")
         lines.append(f"  {label}{problem.get('line')}")
@@ -111,6 +113,31 @@ def audio_lines(audio: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def conversation_lines(presence: dict[str, Any] | None, conversation: dict[str, Any] | None) -> list[str]:
+    """The visitor's presence and the conversation agent dispatched for them."""
+    lines = []
+    if presence:
+        since = presence.get("since")
+        ago = f" for {time.time() - since:.0f} s" if since else ""
+        if presence.get("present"):
+            state = f"a visitor is here{ago} (from {presence.get('source')})"
+            if presence.get("ending_in_s") is not None:
+                state += f", nobody seen: ends in {presence['ending_in_s']:.0f} s"
+        else:
+            state = f"nobody{ago}"
+        lines.append(f"  presence: {state}; {presence.get('visits')} visits")
+    if conversation:
+        line = f"  agent:    {conversation.get('summary')}: {conversation.get('state')}"
+        if conversation.get("dispatch_id"):
+            line += f", dispatch {conversation['dispatch_id']}"
+        if conversation.get("agent"):
+            line += f", talking with {conversation['agent']}"
+        if conversation.get("last_conversation_s") is not None:
+            line += f"; last conversation {conversation['last_conversation_s']:.0f} s"
+        lines.append(line)
+    return lines
+
+
 # how `appliance status` introduces each kind of problem
 _PROBLEM_LABELS = {
     "config": "config:   ",
@@ -118,6 +145,7 @@ _PROBLEM_LABELS = {
     "updates": "update problem: ",
     "devices": "device:   ",
     "audio": "audio:    ",
+    "agent": "agent:    ",
     "display": "display:  ",
 }
 

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from appliance.devices.audio_link import AudioLink
     from appliance.media import FrameFanout
     from appliance.models.rollout import ModelUpdates
+    from appliance.presence import Presence
     from appliance.room import KioskRoom
+    from appliance.room.dispatch import Conversation
     from appliance.screen.screen import Screen
 
 __all__ = ["Parts", "status_line", "snapshot"]
@@ -42,6 +44,8 @@ class Parts:
     last_reload: str
     audio: AudioLink | None = None
     screen: Screen | None = None
+    presence: Presence | None = None
+    conversation: Conversation | None = None
 
 
 def status_line(parts: Parts) -> str:
@@ -100,6 +104,9 @@ def snapshot(parts: Parts) -> dict[str, Any]:
         "audio": parts.audio.status() if parts.audio else None,
         "display": parts.screen.status() if parts.screen else None,
         "last_presence_ago_s": round(now - parts.last_presence, 1) if parts.last_presence else None,
+        # a visitor at the kiosk, and the conversation agent dispatched for them
+        "presence": parts.presence.status() if parts.presence else None,
+        "conversation": parts.conversation.status() if parts.conversation else None,
         # every open problem, with the setting to change and the fix
         "problems": [p.as_json() for p in problems.list()],
         # the same, as operator lines, by part (what the console shows)

@@ -3,9 +3,9 @@
 The session runs the way an agent job runs it: default room options, the avatar
 wired the way every avatar plugin wires it (``session.output.audio =
 DataStreamAudioOutput(room, destination_identity=<kiosk>)``), and small local
-STT/LLM/TTS implementations of the livekit-agents interfaces (the STT reports a
-transcript when the VAD hands it speech and keeps what it heard; the TTS speaks
-the bundled WAV) with silero's VAD. The kiosk (``appliance run``) joins as
+STT/LLM/TTS implementations of the livekit-agents interfaces, the bundled example
+agent's (``appliance/dev/example_agent.py``: the STT reports a transcript when the VAD
+hands it speech and keeps what it heard; the TTS speaks the bundled WAV) with silero's VAD. The kiosk (``appliance run``) joins as
 kind agent, and its visitor participant publishes the microphone: ALSA ``file``
 PCMs, where ``acoustics.py`` adds what the speaker plays (through a synthetic
 room) to the visitor's voice, as in a real lobby.
@@ -30,14 +30,15 @@ import psutil
 import pytest
 from acoustics import AcousticProcess, prefill_mic, write_asoundrc
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, APIConnectOptions, llm, stt, tts, utils
+from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.avatar import DataStreamAudioOutput
 from livekit.plugins import silero
 from voices import room_response, visitor_voice
 
 from appliance.auth import PUBLISH_ON_BEHALF
 from appliance.dev.bench import KioskProcess, write_kiosk_config
-from appliance.dev.demo import Viewer, make_token, read_wav
+from appliance.dev.demo import Viewer, make_token
+from appliance.dev.example_agent import HeardSTT, ReplyLLM, SpokenTTS
 from appliance.runtimes.reference import mouth_box_for, mouth_open_fraction
 from appliance.supervisor import bundled_model
 
@@ -45,60 +46,6 @@ KIOSK = "kiosk-session"
 VISITOR = f"{KIOSK}-visitor"
 AGENT = "agent-session"
 ROOM = "lobby"
-REPLY = "Welcome! I am the avatar of this kiosk."
-CONNECT = APIConnectOptions()
-
-
-class HeardSTT(stt.STT):
-    """Non-streaming STT: each utterance the VAD cuts is 'recognised' and kept."""
-
-    def __init__(self) -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
-        self.utterances: list[np.ndarray] = []  # int16 mono, at the rate heard
-        self.rate = 0
-
-    async def _recognize_impl(self, buffer: utils.AudioBuffer, *, language: object = None,
-                              conn_options: APIConnectOptions | None = None) -> stt.SpeechEvent:
-        frame = rtc.combine_audio_frames(buffer)
-        pcm = np.frombuffer(frame.data, dtype=np.int16).reshape(-1, frame.num_channels)[:, 0]
-        self.utterances.append(pcm.copy())
-        self.rate = frame.sample_rate
-        return stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT,
-                               alternatives=[stt.SpeechData(language="en", text="hello there")])
-
-
-class _ReplyStream(llm.LLMStream):
-    async def _run(self) -> None:
-        self._event_ch.send_nowait(llm.ChatChunk(id="reply", delta=llm.ChoiceDelta(role="assistant", content=REPLY)))
-
-
-class ReplyLLM(llm.LLM):
-    """Answers every turn with the same sentence."""
-
-    def chat(self, *, chat_ctx: llm.ChatContext, tools: list | None = None,  # type: ignore[override]
-             conn_options: APIConnectOptions = CONNECT, **_: object) -> llm.LLMStream:
-        return _ReplyStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
-
-
-class _WavStream(tts.ChunkedStream):
-    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        pcm, rate = self._tts.pcm, self._tts.sample_rate  # type: ignore[attr-defined]
-        output_emitter.initialize(request_id="wav", sample_rate=rate, num_channels=1, mime_type="audio/pcm")
-        for start in range(0, len(pcm), rate // 10):
-            output_emitter.push(pcm[start:start + rate // 10].tobytes())
-        output_emitter.flush()
-
-
-class WavTTS(tts.TTS):
-    """Speaks the bundled sentence four times over (~18 s: a reply long enough to talk over)."""
-
-    def __init__(self) -> None:
-        pcm, rate = read_wav()
-        super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=rate, num_channels=1)
-        self.pcm = np.concatenate([pcm] * 4)
-
-    def synthesize(self, text: str, *, conn_options: APIConnectOptions = CONNECT) -> tts.ChunkedStream:
-        return _WavStream(tts=self, input_text=text, conn_options=conn_options)
 
 
 @pytest.fixture
@@ -158,7 +105,8 @@ async def test_an_unmodified_agent_session_links_to_the_visitor_and_speaks_throu
     agent_room = rtc.Room()
     await agent_room.connect(devserver.url, make_token(key, secret, ROOM, AGENT, agent=True))
     heard = HeardSTT()
-    session = AgentSession(stt=heard, llm=ReplyLLM(), tts=WavTTS(), vad=silero.VAD.load())
+    # the bundled sentence four times over (~18 s): a reply long enough to talk over
+    session = AgentSession(stt=heard, llm=ReplyLLM(), tts=SpokenTTS(wav_repeat=4), vad=silero.VAD.load())
     states: list[str] = []
     session.on("agent_state_changed", lambda ev: states.append(ev.new_state))
     # what every avatar plugin does: the session's voice goes to the avatar, not into the room
