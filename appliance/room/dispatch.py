@@ -122,7 +122,11 @@ class Conversation:
                     pass
         finally:
             if self.dispatch_id is not None:
-                await asyncio.shield(self._end("the kiosk is stopping"))
+                try:  # the agent must not stay behind in the room
+                    await asyncio.shield(self._end("the kiosk is stopping"))
+                except (DispatchError, TokenError) as exc:
+                    log.warning("conversation: could not delete dispatch %s on the way out: %s",
+                                self.dispatch_id, exc)
 
     async def _step(self) -> None:
         served = self._served_agent()

@@ -14,7 +14,8 @@ import time
 
 __all__ = ["setup_logging", "apply_levels", "STRUCTURED_FIELDS"]
 
-STRUCTURED_FIELDS = ("state", "reason", "backend", "model", "room", "agent", "renderer")
+STRUCTURED_FIELDS = ("state", "reason", "backend", "model", "room", "agent", "renderer",
+                     "presence", "source", "visit_s", "dispatch_id", "agent_name", "agent_came_s")
 
 
 def _under_journald() -> bool:
