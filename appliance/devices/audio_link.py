@@ -7,8 +7,9 @@
 The child is spawned (``python -P -m appliance.devices.audio_child``), handed its
 settings and, when it asks, a join token for the visitor identity, over a
 socketpair. Its status messages are the heartbeat: a child that exits, aborts
-(SIGABRT from native code) or falls silent for ``SILENT_S`` is killed and
-started again with backoff (immediate, then 1 s, 2 s … 30 s), and the room's
+(SIGABRT from native code), does not say hello within ``STARTUP_S`` (its imports
+take seconds on a Pi, tens of seconds under emulation) or then falls silent for
+``SILENT_S`` is killed and started again with backoff (immediate, then 1 s, 2 s … 30 s), and the room's
 video never waits for it: frames for a dead child are simply dropped.
 """
 
@@ -52,6 +53,7 @@ __all__ = ["AudioLink", "AudioSettings"]
 log = logging.getLogger("appliance.audio")
 
 SILENT_S = 5.0  # no status from the child for this long: it is hung
+STARTUP_S = 60.0  # spawned and no hello for this long: it hangs while starting
 HEALTHY_S = 30.0  # a child that ran this long starts the backoff over
 MAX_QUEUED_BYTES = 64 * 1024  # ~2 s of audio waiting for a stuck child: drop instead
 # The speaker and the microphone are real time: on a busy 2-core board a late read is a gap
@@ -93,6 +95,8 @@ class AudioLink:
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_status = 0.0
+        self._said_hello = False  # the current child is up (its stack dump handler too)
+        self._killed_why = ""  # why the watchdog killed the current child
         self._backoff = Backoff(first_s=1.0, max_s=30.0, immediate=True, jitter=0.2)
         self._stopping = False
         self._device_problems: list[dict[str, str]] = []
@@ -174,6 +178,7 @@ class AudioLink:
         self._fresh = True
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         self._last_status = time.monotonic()
+        self._said_hello, self._killed_why = False, ""
         watchdog = asyncio.create_task(self._watch(proc), name="audio-child-watchdog")
         try:
             await self._serve(reader, writer)
@@ -182,7 +187,7 @@ class AudioLink:
             watchdog.cancel()
             writer.close()
             await self._reap(proc)
-        return exit_reason(proc.returncode)
+        return self._killed_why or exit_reason(proc.returncode)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         s = self.settings
@@ -201,6 +206,7 @@ class AudioLink:
                     identity=s.identity, connect_timeout_s=s.connect_timeout_s,
                     retry_max_s=s.retry_max_s)))
                 self._writer = writer
+                self._last_status, self._said_hello = time.monotonic(), True
                 self.state = "running"
                 log.info("audio child %d running", msg.pid)
 
@@ -227,12 +233,18 @@ class AudioLink:
         """Kill a child that stopped answering (a hung native call, SIGSTOP)."""
         while proc.poll() is None:
             await asyncio.sleep(0.5)
-            if time.monotonic() - self._last_status > SILENT_S:
-                log.warning("audio child %d silent for %.0f s: dumping its stacks, then SIGKILL",
-                            proc.pid, SILENT_S)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGUSR1)
-                await asyncio.sleep(0.2)
+            limit = SILENT_S if self._said_hello else STARTUP_S
+            if time.monotonic() - self._last_status > limit:
+                if self._said_hello:  # its handler is registered: SIGUSR1 dumps, not kills
+                    self._killed_why = f"silent for {SILENT_S:.0f} s"
+                    log.warning("audio child %d silent for %.0f s: dumping its stacks, then SIGKILL",
+                                proc.pid, SILENT_S)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGUSR1)
+                    await asyncio.sleep(0.2)
+                else:
+                    self._killed_why = f"did not start within {STARTUP_S:.0f} s"
+                    log.warning("audio child %d did not start within %.0f s: SIGKILL", proc.pid, STARTUP_S)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 return

@@ -72,7 +72,8 @@ def format_status(status: dict[str, Any]) -> str:
         + (f", last: {renderer.get('last_restart_reason')}" if renderer.get("last_restart_reason") else "")
         + ")",
         f"  room:     {room.get('name')} at {room.get('url')} as {room.get('identity')}: "
-        f"{room.get('state')} ({room.get('reason')})",
+        + (f"{room.get('state')} ({room.get('reason')})" if room.get("state") else
+           "not joining (see the problem below)"),
         f"  fps:      {status.get('fps_10s')} (last 10 s)   uptime: {status.get('uptime_s')} s",
     ]
     display = status.get("display")
