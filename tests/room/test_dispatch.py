@@ -147,3 +147,30 @@ async def test_an_agent_name_no_worker_has_is_one_problem_and_the_kiosk_keeps_se
     presence(kiosk, "leave")  # presence is still tracked: the visit ends, the dispatch goes
     await kiosk.async_wait_for(lambda s: s["conversation"]["dispatch_id"] is None
                                and not any(p["kind"] == "agent" for p in s["problems"]), 90, "the visit ended")
+
+
+async def test_always_keeps_one_agent_and_replaces_it_when_its_job_ends(
+        devserver, example_worker, tmp_path: Path, stopping) -> None:  # type: ignore[no-untyped-def]
+    from livekit import api
+
+    deadline = time.monotonic() + 60
+    while not devserver.agents.registered(AGENT_NAME):
+        assert time.monotonic() < deadline, "the example agent's worker never registered"
+        await asyncio.sleep(0.2)
+    kiosk = await start_kiosk(devserver, tmp_path, f'name = "{AGENT_NAME}"\ndispatch = "always"')
+    stopping.append(kiosk)
+    # nobody is here, and yet an agent comes: one dispatch, all the time
+    first = (await kiosk.async_wait_for(lambda s: s["conversation"]["agent"] is not None, 20,
+                                        "an agent joined"))["conversation"]
+    assert not (await asyncio.to_thread(kiosk.status))["presence"]["present"]
+    [dispatch] = explicit(devserver)
+    # an operator (or a crash) ends its job: the kiosk dispatches a fresh one
+    lkapi = api.LiveKitAPI("http" + devserver.url[2:], devserver.api_key, devserver.api_secret)
+    try:
+        await lkapi.agent_dispatch.delete_dispatch(dispatch.info.id, ROOM)
+    finally:
+        await lkapi.aclose()
+    second = (await kiosk.async_wait_for(
+        lambda s: s["conversation"]["agent"] not in (None, first["agent"]), 30, "a fresh agent joined"))["conversation"]
+    assert second["dispatch_id"] != first["dispatch_id"] and len(explicit(devserver)) == 1
+    print(f"always: agent {first['agent']} replaced by {second['agent']}")
