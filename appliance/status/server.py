@@ -248,6 +248,23 @@ def prometheus_text(status: dict[str, Any]) -> str:
              latency / 1000 if latency is not None else float("nan")),
             ("appliance_screen_restarts_total", "counter", "screen child restarts", display["restarts"]),
         ]
+    presence, conversation = status.get("presence"), status.get("conversation")
+    if presence:
+        metrics += [
+            ("appliance_visitor_present", "gauge", "1 during a visit (motion, button, appliance presence)",
+             int(presence["present"])),
+            ("appliance_visits_total", "counter", "visits since the supervisor started", presence["visits"]),
+        ]
+    if conversation:
+        came = conversation.get("agent_came_s")
+        metrics += [
+            ("appliance_agent_present", "gauge", "1 while the agent dispatched by the kiosk is in the room",
+             int(conversation.get("agent") is not None)),
+            ("appliance_conversations_total", "counter", "agents that came for a dispatch",
+             conversation["conversations"]),
+            ("appliance_agent_arrival_seconds", "gauge", "dispatch to agent in the room, the last time",
+             came if came is not None else float("nan")),
+        ]
     problems = status.get("problems") or []
     lines = []
     for name, kind, help_text, value in metrics:

@@ -24,6 +24,7 @@ from appliance.dev.bench import KioskProcess, write_kiosk_config
 from appliance.dev.demo import Viewer, make_token
 from appliance.dev.example_agent import AGENT_NAME
 from appliance.runtimes.reference import mouth_box_for, mouth_open_fraction
+from appliance.status.server import prometheus_text
 from appliance.supervisor import bundled_model
 
 KIOSK = "kiosk-visit"
@@ -104,6 +105,8 @@ async def test_each_visitor_gets_a_fresh_agent_that_leaves_after_them(
         jobs.append(job.id)
         assert status["conversation"]["agent"] == job.state.participant_identity, status["conversation"]
         assert status["presence"]["present"] and status["conversation"]["dispatch_id"] == dispatch.info.id
+        metrics = prometheus_text(status)
+        assert "appliance_visitor_present 1" in metrics and "appliance_agent_present 1" in metrics
         # the greeting: heard by the viewer, and the avatar's mouth moves with it
         while not any(t > arrived and np.abs(a).max() > 3000 for a, t in zip(viewer.audio, viewer.audio_times,
                                                                                strict=True)):
