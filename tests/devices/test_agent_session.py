@@ -141,9 +141,9 @@ async def test_an_unmodified_agent_session_links_to_the_visitor_and_speaks_throu
 
         reply_at = await _wait(lambda: _loud_since(viewer, said_at + len(spoken) / 16000), 30,
                                "the viewer heard the kiosk speak the reply")
-        # two seconds of the reply's pictures (the relay re-encodes them: on a busy machine they
-        # come later than the voice)
-        await _wait(lambda: sum(1 for f in viewer.frames if f.at >= reply_at) >= 50 or None, 20,
+        # two seconds of the reply's pictures (the dev server re-encodes them in Python: on a busy
+        # 2-core machine they come later than the voice, and at 10 fps rather than 25)
+        await _wait(lambda: sum(1 for f in viewer.frames if f.at >= reply_at + 2.0) >= 5 or None, 30,
                     "the viewer got two seconds of the reply's pictures")
         box = mouth_box_for(bundled_model(), 512, 512)
         mouth = [mouth_open_fraction(f.image, _scaled(box, f.image.shape[1])) for f in viewer.frames
