@@ -399,6 +399,7 @@ class Supervisor:
     async def _stop_conversation(self) -> None:
         task, self._conversation_task = self._conversation_task, None
         await self._tasks.stop(task)  # deletes its dispatch on the way out
+        self.conversation = None
 
     async def _stop_room(self) -> None:
         await self._stop_conversation()

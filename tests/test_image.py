@@ -262,6 +262,7 @@ class Visit:
     unplugged_display: dict[str, Any] = field(default_factory=dict)
     replugged: list[tuple[float, Path, str | None]] = field(default_factory=list)
     display: dict[str, Any] = field(default_factory=dict)
+    journal: str = ""  # the daemon's journal, when the avatar never showed
 
 
 async def _agent_for(room: GuestRoom, identity: str) -> AgentVoice:
@@ -275,6 +276,7 @@ def visit(room: GuestRoom, shell: GuestShell) -> Callable[[qemu_boot.Qmp, qemu_b
         v = Visit(boot=dumps_until(qmp, "boot", True, SCREEN_WAIT_S))
         named = re.search(r"kiosk-[0-9a-f]{8}", result.find(r"LiveKit identity is") or "")
         if v.boot[-1][2] is not None or named is None:
+            v.journal = shell.run("sudo journalctl -b -u appliance --no-pager | tail -60")
             return v
         v.identity = named.group(0)
         deadline = time.monotonic() + 120
@@ -329,7 +331,7 @@ def test_valid_boot_config_joins_the_room_and_the_screen_speaks(
     print("screendumps after the boot report (seconds after it, file, what was wrong):")
     for t, path, verdict in v.boot:
         print(f"  {t:6.1f} s  {path}  {verdict or 'the avatar, letterboxed, nothing over it'}")
-    assert v.boot[-1][2] is None, "the avatar never showed on the screen"
+    assert v.boot[-1][2] is None, f"the avatar never showed on the screen; the daemon's journal:\n{v.journal}"
     assert sum(verdict is None for _, _, verdict in v.boot) >= 3, "the avatar did not stay on the screen"
     assert result.find(r"boot config /boot/firmware/appliance.toml is in effect"), result.report
     assert not result.find(r"NOT applied")

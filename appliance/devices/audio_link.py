@@ -52,7 +52,7 @@ __all__ = ["AudioLink", "AudioSettings"]
 
 log = logging.getLogger("appliance.audio")
 
-SILENT_S = 5.0  # no status from the child for this long: it is hung
+SILENT_S = 10.0  # no status from the child for this long: it is hung (a starved CPU delays it seconds)
 STARTUP_S = 60.0  # spawned and no hello for this long: it hangs while starting
 HEALTHY_S = 30.0  # a child that ran this long starts the backoff over
 MAX_QUEUED_BYTES = 64 * 1024  # ~2 s of audio waiting for a stuck child: drop instead

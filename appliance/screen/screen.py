@@ -42,7 +42,7 @@ log = logging.getLogger("appliance.screen")
 
 POLL_S = 1.0  # sysfs connector poll
 STALL_S = 10.0  # the child reports every second once ready; silent this long = hung
-STARTUP_S = 30.0  # imports and SDL/GL start-up, on a busy Pi or under emulation
+STARTUP_S = 90.0  # imports and SDL/GL start-up: seconds on a Pi, a minute and more under emulation
 HEALTHY_S = 10.0  # showing this long resets the backoff
 NO_CONNECTOR = "No currently active connector found"  # SDL's KMSDRM words for "no monitor"
 
