@@ -89,14 +89,22 @@ connect_timeout_s = 3.0
 retry_max_s = 10.0
 """
 
-# The amd64 kiosk joins a real room: a dev server in the test's namespace (tests/guest_room.py)
-ROOM_CONFIG = """\
+# The amd64 kiosk joins a real room: a dev server in the test's namespace (tests/guest_room.py).
+# A 256x256 avatar: at 512x512 the emulated CPU could not render, encode for the room and
+# draw the screen at once (2.8 fps, the screen child starved and was restarted; measured).
+AVATAR_SIDE = 256
+ROOM_CONFIG = f"""\
 [livekit]
-url = "{url}"
+url = "{{url}}"
 room = "museum-lobby"
-token_url = "{token_url}"
+token_url = "{{token_url}}"
 connect_timeout_s = 20.0
 retry_max_s = 5.0
+max_bitrate_kbps = 300
+
+[avatar]
+width = {AVATAR_SIDE}
+height = {AVATAR_SIDE}
 """
 
 # a public key (its private half was thrown away): SSH must get enabled for the user "kiosk"
@@ -185,9 +193,9 @@ def test_bad_boot_config_keeps_defaults(amd64_image: Path, tmp_path: Path) -> No
     assert result.find(r"^SSH: off"), result.report
 
 
-def reference_picture() -> np.ndarray:
-    """The image's default avatar at rest, as the kiosk renders it (512x512, RGB)."""
-    runtime = ReferenceRuntime()
+def reference_picture(side: int = 512) -> np.ndarray:
+    """The image's default avatar at rest, as the kiosk renders it (side x side, RGB)."""
+    runtime = ReferenceRuntime(side, side)
     asyncio.run(runtime.open(""))
     return runtime.next_frame().image
 
@@ -221,10 +229,10 @@ def screendump(qmp: qemu_boot.Qmp) -> np.ndarray:
 
 
 def dumps_until(qmp: qemu_boot.Qmp, name: str, shown: bool, wait_s: float, every_s: float = 5.0,
-                then: int = 2) -> list[tuple[float, Path, str | None]]:
+                then: int = 2, side: int = 512) -> list[tuple[float, Path, str | None]]:
     """Screendumps every ``every_s`` until the avatar is (``shown``) or is not on the screen,
     then ``then`` more, or until ``wait_s`` passed: (seconds, PNG, why it is not the avatar)."""
-    frame, dumps, hits = reference_picture(), [], 0
+    frame, dumps, hits = reference_picture(side), [], 0
     start = time.monotonic()
     while time.monotonic() - start < wait_s and hits <= then:
         t = time.monotonic() - start
@@ -242,8 +250,8 @@ def mouth_on_screen(picture: np.ndarray) -> float:
     """The dark share of the avatar's mouth box, where the letterboxed screen shows it."""
     h, w = picture.shape[:2]
     side = min(w, h)
-    x0, scale = (w - side) // 2, side / 512
-    bx0, by0, bx1, by1 = mouth_box_for("", 512, 512)
+    x0, scale = (w - side) // 2, side / AVATAR_SIDE
+    bx0, by0, bx1, by1 = mouth_box_for("", AVATAR_SIDE, AVATAR_SIDE)
     box = (x0 + int(bx0 * scale), int(by0 * scale), x0 + int(bx1 * scale) + 1, int(by1 * scale) + 1)
     return mouth_open_fraction(picture, box)
 
@@ -273,7 +281,7 @@ async def _agent_for(room: GuestRoom, identity: str) -> AgentVoice:
 
 def visit(room: GuestRoom, shell: GuestShell) -> Callable[[qemu_boot.Qmp, qemu_boot.BootResult], Visit]:
     def run(qmp: qemu_boot.Qmp, result: qemu_boot.BootResult) -> Visit:
-        v = Visit(boot=dumps_until(qmp, "boot", True, SCREEN_WAIT_S))
+        v = Visit(boot=dumps_until(qmp, "boot", True, SCREEN_WAIT_S, side=AVATAR_SIDE))
         named = re.search(r"kiosk-[0-9a-f]{8}", result.find(r"LiveKit identity is") or "")
         if v.boot[-1][2] is not None or named is None:
             v.journal = shell.run("sudo journalctl -b -u appliance --no-pager | tail -60")
@@ -304,10 +312,10 @@ def visit(room: GuestRoom, shell: GuestShell) -> Callable[[qemu_boot.Qmp, qemu_b
         v.connector = next(line.rsplit(":", 1)[0] for line in listing.splitlines()
                            if line.endswith(":connected"))
         shell.run(f"echo off | sudo tee {v.connector} >/dev/null")
-        v.unplugged = dumps_until(qmp, "unplugged", False, 30, every_s=2.0, then=0)
+        v.unplugged = dumps_until(qmp, "unplugged", False, 30, every_s=2.0, then=0, side=AVATAR_SIDE)
         v.unplugged_display = json.loads(shell.run("sudo appliance status --json"))["display"]
         shell.run(f"echo detect | sudo tee {v.connector} >/dev/null")
-        v.replugged = dumps_until(qmp, "replugged", True, 90, every_s=1.0, then=1)
+        v.replugged = dumps_until(qmp, "replugged", True, 90, every_s=1.0, then=1, side=AVATAR_SIDE)
         v.display = json.loads(shell.run("sudo appliance status --json"))["display"]
         return v
 
