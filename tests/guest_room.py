@@ -2,23 +2,18 @@
 
 ``GuestRoom`` runs the dev server and a token endpoint (the ``[livekit] token_url`` request
 the kiosk documents: ``GET /token?room=..&identity=..&kind=..``) on an address of the test's
-private network namespace, in an event loop of their own on a thread, so that the boot test,
-which blocks while QEMU runs, can drive an agent in the room from its QMP callback. The guest
+private network namespace, in an event loop of their own on a thread, so that they serve while
+the boot test blocks on QEMU. The guest
 reaches them through QEMU's user-mode network (``open_network``), which in this namespace
 reaches nothing else. No secret goes onto the image: the kiosk fetches its tokens.
 
-``GuestShell`` runs commands in the guest over SSH as the operator account (the key pair is
-made per test; its public half goes onto the boot partition as ``authorized_keys``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import threading
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -62,10 +57,6 @@ class GuestRoom:
         """Run ``coro`` on the room's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Any:
-        """Start ``coro`` on the room's loop; returns a concurrent.futures.Future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
     def _token_app(self) -> web.Application:
         async def token(request: web.Request) -> web.Response:
             query = request.query
@@ -85,29 +76,3 @@ class GuestRoom:
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class GuestShell:
-    """``ssh kiosk@127.0.0.1 -p port`` with a key made for this test."""
-
-    def __init__(self, directory: Path, port: int) -> None:
-        self.key = directory / "id_ed25519"
-        self.port = port
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "image-test",
-                        "-f", str(self.key)], check=True)
-        self.public_key = self.key.with_suffix(".pub").read_text()
-
-    def run(self, command: str, timeout_s: float = 60.0) -> str:
-        done = subprocess.run(
-            ["ssh", "-i", str(self.key), "-p", str(self.port), "-o", "BatchMode=yes",
-             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-             "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR", "kiosk@127.0.0.1", command],
-            capture_output=True, text=True, timeout=timeout_s)
-        assert done.returncode == 0, f"guest: {command!r} failed ({done.returncode}): {done.stderr}"
-        return done.stdout
