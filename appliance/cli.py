@@ -1,4 +1,4 @@
-"""Command line: ``appliance run|check|status|config|models|demo``.
+"""Command line: ``appliance run|check|status|presence|say|config|models|demo``.
 
 Exit codes (the only place they are decided):
     0  success
@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from appliance import __version__
 from appliance.config import (
@@ -176,17 +177,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_socket(args: argparse.Namespace) -> str:
+    """--socket, else [status] socket of the config, else the default (a broken config must
+    not stop `appliance status` from saying why)."""
+    if args.socket is not None:
+        return str(args.socket)
+    try:
+        return _load(args).status.socket
+    except ConfigError:
+        return "/run/appliance/status.sock"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from appliance.status.server import format_status, query_status
 
-    path = args.socket
-    if path is None:
-        try:
-            path = _load(args).status.socket
-        except ConfigError:
-            path = "/run/appliance/status.sock"
+    path = _status_socket(args)
     try:
         status = query_status(path)
     except OSError as exc:
@@ -196,28 +203,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_presence(args: argparse.Namespace) -> int:
-    """`appliance presence arrive|leave`: play a visitor (what the motion sensor would say)."""
+def _command(args: argparse.Namespace, request: dict[str, Any], typed: str) -> dict[str, Any] | None:
+    """Send a command to the daemon's control socket; None (with the reason printed) if it
+    was not done. ``typed`` is the command line, for the sudo hint."""
     from appliance.status.control import control_socket_for, send_command
 
-    status_socket = args.socket
-    if status_socket is None:
-        try:
-            status_socket = _load(args).status.socket
-        except ConfigError:
-            status_socket = "/run/appliance/status.sock"
-    path = control_socket_for(status_socket)
+    path = control_socket_for(_status_socket(args))
     try:
-        answer = send_command(path, {"command": "presence", "action": args.action})
+        answer = send_command(path, request, timeout_s=30.0)
     except PermissionError:
-        print(f"appliance presence needs root: {path} is the daemon's own (sudo appliance presence "
-              f"{args.action})", file=sys.stderr)
-        return EXIT_FAILURE
+        command = " ".join(typed.split()[:2])  # "appliance say"
+        print(f"{command} needs root: {path} is the daemon's own (sudo {typed})", file=sys.stderr)
+        return None
     except OSError as exc:
         print(f"appliance is not running (no answer on {path}: {exc.strerror or exc})", file=sys.stderr)
-        return EXIT_FAILURE
+        return None
     if not answer.get("ok"):
         print(answer.get("error"), file=sys.stderr)
+        return None
+    return answer
+
+
+def cmd_presence(args: argparse.Namespace) -> int:
+    """`appliance presence arrive|leave`: play a visitor (what the motion sensor would say)."""
+    answer = _command(args, {"command": "presence", "action": args.action}, f"appliance presence {args.action}")
+    if answer is None:
         return EXIT_FAILURE
     presence = answer.get("presence") or {}
     if presence.get("present"):
@@ -226,6 +236,31 @@ def cmd_presence(args: argparse.Namespace) -> int:
                                      if ending is not None else ""))
     else:
         print("nobody is here")
+    return EXIT_OK
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    """`appliance say FILE.wav|-` or `--stop`: the avatar speaks, with no agent needed."""
+    import base64
+
+    if args.stop:
+        request: dict[str, Any] = {"command": "speak", "stop": True}
+        typed = "appliance say --stop"
+    elif args.wav is None:
+        print("appliance say: name a WAV file (or - for standard input), or --stop", file=sys.stderr)
+        return EXIT_USAGE
+    else:
+        try:
+            data = sys.stdin.buffer.read() if args.wav == "-" else Path(args.wav).read_bytes()
+        except OSError as exc:
+            print(f"appliance say: cannot read {args.wav}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        request = {"command": "speak", "wav": base64.b64encode(data).decode()}
+        typed = f"appliance say {args.wav}"
+    answer = _command(args, request, typed)
+    if answer is None:
+        return EXIT_FAILURE
+    print("stopped" if answer.get("stopped") else f"speaking {answer.get('seconds')} s")
     return EXIT_OK
 
 
@@ -334,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(presence)
     presence.add_argument("--socket", help="status socket; commands go to control.sock beside it")
     presence.set_defaults(func=cmd_presence)
+
+    say = sub.add_parser("say", help="make the avatar speak a 16-bit PCM WAV file, no agent needed (root)")
+    say.add_argument("wav", nargs="?", metavar="FILE.wav", help="the file, or - for standard input")
+    say.add_argument("--stop", action="store_true", help="stop what `appliance say` started")
+    with_config(say)
+    say.add_argument("--socket", help="status socket; commands go to control.sock beside it")
+    say.set_defaults(func=cmd_say)
 
     models = sub.add_parser("models", help="avatar models: list, update, roll back; publish (operator side)")
     msub = models.add_subparsers(dest="action", required=True)

@@ -16,6 +16,8 @@ detects it; status is gathered by ``status/snapshot.py``, systemd is told by
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import logging
 import time
@@ -41,6 +43,7 @@ from appliance.room import KioskRoom, RoomOptions, RoomState
 from appliance.room.dispatch import Conversation
 from appliance.runtimes import VideoSpec
 from appliance.screen.screen import Screen
+from appliance.speak import SpeakError, decode_wav, speak
 from appliance.status.control import ControlServer, control_socket_for
 from appliance.status.logs import apply_levels
 from appliance.status.problems import Problems
@@ -188,8 +191,9 @@ class Supervisor:
             StatusServer(status.socket, self.status),
             f"[status] socket: cannot listen on {status.socket} — `appliance status` will not work",
         ), (
-            ControlServer(control, {"presence": self._presence_command}),
-            f"[status] socket: cannot listen on {control} — `appliance presence` will not work",
+            ControlServer(control, {"presence": self._presence_command, "speak": self._speak_command}),
+            f"[status] socket: cannot listen on {control} — `appliance presence` and `appliance say` "
+            "will not work",
         )]
         if status.http_port:
             wanted.append((HealthServer(status.http_port, self.status),
@@ -272,6 +276,23 @@ class Supervisor:
         else:
             return {"ok": False, "error": f"presence: unknown action {action!r} (arrive or leave)"}
         return {"ok": True, "presence": self.presence.status()}
+
+    def _speak_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`appliance say FILE.wav|--stop` (root, over the control socket)."""
+        if self.room is not None and self.room.speaking:
+            return {"ok": False, "error": "appliance say: the conversation agent is speaking; "
+                                          "try again when its reply has ended"}
+        if request.get("stop"):
+            self.backend.interrupt()
+            return {"ok": True, "stopped": True}
+        try:
+            pcm, rate = decode_wav(base64.b64decode(str(request.get("wav", "")), validate=True))
+        except (SpeakError, binascii.Error) as exc:
+            return {"ok": False, "error": f"appliance say: {exc}"}
+        if not speak(self.backend, pcm, rate):
+            return {"ok": False, "error": "appliance say: the renderer is not running "
+                                          "(see `appliance status`)"}
+        return {"ok": True, "seconds": round(len(pcm) / rate, 2)}
 
     def _on_visit(self, started: bool, why: str) -> None:
         if self.conversation is not None:

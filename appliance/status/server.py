@@ -19,28 +19,33 @@ from typing import Any
 
 from appliance.status.problems import KINDS
 
-__all__ = ["StatusServer", "query_status", "format_status"]
+__all__ = ["REQUEST_LIMIT", "StatusServer", "UnixServer", "ask", "query_status", "format_status"]
+
+REQUEST_LIMIT = 16 * 2**20  # one request line: a minute of speech as base64 WAV fits
 
 
-class StatusServer:
-    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self.path = path
-        self._snapshot = snapshot
+class UnixServer:
+    """One request per connection on a unix socket, created with ``mode`` from the start
+    (the umask closes the moment between bind and chmod) and removed on close."""
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path, self.mode = path, mode
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket from a killed daemon
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
-        os.chmod(self.path, 0o660)
+        old = os.umask(0o777 & ~self.mode)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path,
+                                                           limit=REQUEST_LIMIT)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(json.dumps(self._snapshot(), indent=2).encode() + b"\n")
-            await writer.drain()
-        finally:
-            writer.close()
+        raise NotImplementedError
 
     async def close(self) -> None:
         if self._server is not None:
@@ -50,16 +55,39 @@ class StatusServer:
                 os.unlink(self.path)
 
 
-def query_status(path: str, timeout_s: float = 3.0) -> dict[str, Any]:
-    """Read the daemon's status; raises OSError when it is not running."""
+class StatusServer(UnixServer):
+    """The status JSON to anyone in the socket's group (0660), no request needed."""
+
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(path, 0o660)
+        self._snapshot = snapshot
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(json.dumps(self._snapshot(), indent=2).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+def ask(path: str, request: dict[str, Any] | None = None, timeout_s: float = 3.0) -> dict[str, Any]:
+    """Send ``request`` (a JSON line; None: nothing) and read the JSON answer to the end.
+    Raises OSError when nothing answers (PermissionError: not allowed to connect)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(path)
+        if request is not None:
+            sock.sendall(json.dumps(request).encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     data: dict[str, Any] = json.loads(b"".join(chunks))
     return data
+
+
+def query_status(path: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    """Read the daemon's status; raises OSError when it is not running."""
+    return ask(path, None, timeout_s)
 
 
 def format_status(status: dict[str, Any]) -> str:
