@@ -59,6 +59,14 @@ def example_worker(devserver) -> Iterator[subprocess.Popen[bytes]]:  # type: ign
             proc.kill()
 
 
+async def worker_registered(devserver) -> None:  # type: ignore[no-untyped-def]
+    """Until the example agent's worker process has registered with the dev server."""
+    deadline = time.monotonic() + 60
+    while not devserver.agents.registered(AGENT_NAME):
+        assert time.monotonic() < deadline, "the example agent's worker never registered"
+        await asyncio.sleep(0.2)
+
+
 async def start_kiosk(devserver, tmp_path: Path, agent: str) -> KioskProcess:  # type: ignore[no-untyped-def]
     config = write_kiosk_config(tmp_path, url=devserver.url, api_key=devserver.api_key,
                                 api_secret=devserver.api_secret, room=ROOM, identity=KIOSK,
@@ -81,10 +89,7 @@ async def stopping() -> AsyncIterator[list[KioskProcess]]:
 
 async def test_each_visitor_gets_a_fresh_agent_that_leaves_after_them(
         devserver, example_worker, tmp_path: Path, stopping) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 60
-    while not devserver.agents.registered(AGENT_NAME):
-        assert time.monotonic() < deadline, "the example agent's worker never registered"
-        await asyncio.sleep(0.2)
+    await worker_registered(devserver)
     kiosk = await start_kiosk(devserver, tmp_path, f'name = "{AGENT_NAME}"\nend_after_absent_s = {ABSENT_S}')
     stopping.append(kiosk)
     viewer = Viewer(KIOSK)
@@ -156,10 +161,7 @@ async def test_always_keeps_one_agent_and_replaces_it_when_its_job_ends(
         devserver, example_worker, tmp_path: Path, stopping) -> None:  # type: ignore[no-untyped-def]
     from livekit import api
 
-    deadline = time.monotonic() + 60
-    while not devserver.agents.registered(AGENT_NAME):
-        assert time.monotonic() < deadline, "the example agent's worker never registered"
-        await asyncio.sleep(0.2)
+    await worker_registered(devserver)
     kiosk = await start_kiosk(devserver, tmp_path, f'name = "{AGENT_NAME}"\ndispatch = "always"')
     stopping.append(kiosk)
     # nobody is here, and yet an agent comes: one dispatch, all the time
