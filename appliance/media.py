@@ -9,6 +9,11 @@ The fan-out delivers every frame of the active source to every sink, in sink
 order, and switches sources on a frame boundary: the frame being delivered
 finishes on every sink, the next one comes from the new source. A model swap
 therefore never shows a half-old, half-new moment, and no frame is thrown away.
+
+When the source delivers nothing for two frame intervals (a renderer restarting),
+the fan-out sends hold frames (backends/hold.py) at 25 fps until it does again:
+no sink ever waits for a picture. Health (``flowing``, ``fps``) counts real
+frames only.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from appliance.backends.hold import HOLD_AFTER_S, HOLD_FPS, SPEECH_HICCUP_S, HoldLoop
 from appliance.runtimes import Frame
 
 __all__ = ["FrameSink", "FrameSource", "FrameFanout", "FpsMeter"]
@@ -71,12 +77,17 @@ class FrameFanout:
     switch pending (the source was closed for good).
     """
 
-    def __init__(self, source: FrameSource | None = None) -> None:
+    def __init__(self, source: FrameSource | None = None, hold: HoldLoop | None = None) -> None:
         self._source = source
         self._sinks: list[FrameSink] = []
         self._switched = asyncio.Event()
-        self.last_frame_at: float | None = None
+        self._delivering = asyncio.Lock()  # real and hold frames never interleave in a sink
+        self.hold = hold if hold is not None else HoldLoop()
+        self.last_frame_at: float | None = None  # the last real frame
+        self.last_frame_speaking = False
+        self.last_held_at: float | None = None
         self.frames_sent = 0
+        self.frames_held = 0
         self.meter = FpsMeter()
         self._sink_errors: dict[int, float] = {}  # id(sink) → when its last error was logged
 
@@ -110,7 +121,19 @@ class FrameFanout:
     def fps(self) -> float:
         return self.meter.fps(time.monotonic())
 
+    @property
+    def holding(self) -> bool:
+        """Hold frames are being sent: the source delivers nothing."""
+        return self.last_held_at is not None and (self.last_frame_at or 0.0) < self.last_held_at
+
     async def run(self) -> None:
+        holding = asyncio.create_task(self._hold(), name="fan-out hold")
+        try:
+            await self._pump()
+        finally:
+            holding.cancel()
+
+    async def _pump(self) -> None:
         while True:
             source = self._source
             if source is None:
@@ -126,11 +149,39 @@ class FrameFanout:
                 if source is self._source:
                     return  # closed, and nothing replaced it
 
-    async def _deliver(self, frame: Frame) -> None:
-        now = time.monotonic()
-        self.last_frame_at = now
-        self.meter.tick(now)
-        self.frames_sent += 1
+    async def _hold(self) -> None:
+        """Hold frames on a 25 fps schedule from HOLD_AFTER_S after the last real frame."""
+        interval = 1.0 / HOLD_FPS
+        while True:
+            now = time.monotonic()
+            due = (self.last_held_at + interval if self.holding and self.last_held_at is not None
+                   else (self.last_frame_at or now) + HOLD_AFTER_S)
+            if due > now:
+                await asyncio.sleep(due - now)
+                continue  # a real frame may have come meanwhile
+            since = now - (self.last_frame_at or now)
+            frame = self.hold.next_frame(with_audio=not self.last_frame_speaking or since > SPEECH_HICCUP_S)
+            if frame is None:  # nothing shown yet, nothing to hold
+                await asyncio.sleep(interval)
+                continue
+            await self._deliver(frame, held=True)
+
+    async def _deliver(self, frame: Frame, held: bool = False) -> None:
+        async with self._delivering:
+            now = time.monotonic()
+            if held:
+                if self.last_frame_at is not None and now - self.last_frame_at < HOLD_AFTER_S:
+                    return  # the source came back while this one waited
+                self.last_held_at = now
+                self.frames_held += 1
+            else:
+                self.last_frame_at, self.last_frame_speaking = now, frame.speaking
+                self.meter.tick(now)
+                self.frames_sent += 1
+                self.hold.record(frame)
+            await self._to_sinks(frame, now)
+
+    async def _to_sinks(self, frame: Frame, now: float) -> None:
         for sink in list(self._sinks):
             try:
                 await sink.send_frame(frame)

@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any
 
 from appliance.auth import ROOM_ADMIN, VISITOR, TokenError, tokens_for
+from appliance.backends.hold import HoldLoop, hold_cache_dir
 from appliance.backends.local import LocalBackend
 from appliance.config import Config, ConfigError, Problem, restart_only_keys, save_last_good
 from appliance.config.boot import refused_import
@@ -93,7 +94,7 @@ class Supervisor:
         self._load = load  # re-reads the config layers on reload
         self.started_at = time.monotonic()
         self.problems = Problems(on_change=self._status_changed)
-        self.fanout = FrameFanout()
+        self.fanout = FrameFanout(hold=HoldLoop(hold_cache_dir()))
         self.backend = LocalBackend(self.fanout, self.problems.owner("renderer"),
                                     stall_timeout_s=config.avatar.stall_timeout_s,
                                     on_state=self._status_changed)

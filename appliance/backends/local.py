@@ -14,18 +14,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+from appliance import __version__
 from appliance.media import FrameFanout
 from appliance.renderer import Renderer, RendererOptions, RendererSpec, State
 from appliance.runtimes import RuntimeFailure, VideoSpec
 from appliance.status.problems import ProblemOwner
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "hold_key"]
 
 log = logging.getLogger("appliance.backends")
+
+
+def hold_key(spec: RendererSpec) -> str:
+    """Names what a hold loop shows: the runtime, the model file as it is now, the size."""
+    try:
+        stat = os.stat(spec.model) if spec.model else None
+    except OSError:
+        stat = None
+    version = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else __version__
+    return f"{spec.runtime}|{spec.model}|{version}|{spec.width}x{spec.height}"
 
 
 class LocalBackend:
@@ -48,6 +60,7 @@ class LocalBackend:
         renderer retries by itself; the problem says why)."""
         renderer = self._new_renderer(spec)
         self.renderer, self.spec = renderer, spec
+        self._fanout.hold.use_model(hold_key(spec))
         self._fanout.switch_to(renderer)
         try:
             await renderer.start()
@@ -69,6 +82,7 @@ class LocalBackend:
             return reason
         fresh.skip_backlog(keep=2)  # two frames absorb the phase offset between the two clocks
         old, self.renderer, self.spec = self.renderer, fresh, spec
+        self._fanout.hold.use_model(hold_key(spec))
         self._fanout.switch_to(fresh)  # from its next frame on
         self._problems.clear()  # the new model renders: the old one's problems are gone
         log.info("now rendering %s", spec.model, extra={"model": spec.model, "backend": spec.runtime})

@@ -110,7 +110,8 @@ class AudioLink:
     # -- the frame sink ----------------------------------------------------------------
 
     async def send_frame(self, frame: Frame) -> None:
-        self._send(Play(data=frame.audio.tobytes()), audio=True)
+        if len(frame.audio):  # a hold frame in a speech hiccup has none
+            self._send(Play(data=frame.audio.tobytes()), audio=True)
 
     def drop_audio(self) -> None:
         """Barge-in: the child's speaker queue is flushed too."""

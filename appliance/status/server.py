@@ -104,6 +104,10 @@ def format_status(status: dict[str, Any]) -> str:
            "not joining (see the problem below)"),
         f"  fps:      {status.get('fps_10s')} (last 10 s)   uptime: {status.get('uptime_s')} s",
     ]
+    hold = status.get("hold")
+    if hold and (hold.get("holding") or hold.get("frames_held")):
+        lines.append(f"  hold:     {'holding now' if hold.get('holding') else 'not holding'}, "
+                     f"{hold.get('frames_held')} hold frames sent (loop: {hold.get('loop')})")
     display = status.get("display")
     if display:
         lines.append(f"  display:  {display.get('summary')}")
@@ -239,6 +243,10 @@ def prometheus_text(status: dict[str, Any]) -> str:
         ("appliance_frames_published_total", "counter", "frames published in the room (this connection)",
          room["frames_published"]),
         ("appliance_renderer_restarts_total", "counter", "renderer child restarts", renderer["restarts"]),
+        ("appliance_frames_held_total", "counter", "hold frames sent while no backend delivered",
+         (status.get("hold") or {}).get("frames_held", 0)),
+        ("appliance_holding", "gauge", "1 while the tracks and screen show the hold loop",
+         int(bool((status.get("hold") or {}).get("holding")))),
         ("appliance_room_connected", "gauge", "1 while live in the room", int(room["state"] == "live")),
         ("appliance_config_problems", "gauge", "problems in the current config files",
          len(status.get("config_problems") or [])),

@@ -56,7 +56,8 @@ def status_line(parts: Parts) -> str:
     if renderer is None or not parts.fanout.flowing(2.0):
         state = renderer.state.value if renderer else "starting"
         problem = parts.problems.first("renderer")
-        return f"renderer {state}" + (f": {problem.line()}" if problem else "")
+        held = " · holding the picture" if parts.fanout.holding else ""
+        return f"renderer {state}{held}" + (f": {problem.line()}" if problem else "")
     fps = f"{parts.fanout.fps():.1f} fps"
     updater = parts.updates.updater if parts.updates else None
     if updater is not None and updater.progress.total and updater.state.value == "downloading":
@@ -88,6 +89,9 @@ def snapshot(parts: Parts) -> dict[str, Any]:
         "models": parts.updates.status() if parts.updates else None,
         "pid": os.getpid(),
         "fps_10s": round(parts.fanout.fps(), 2),
+        # while no frames come, the tracks and the screen get the hold loop (backends/hold.py)
+        "hold": {"holding": parts.fanout.holding, "frames_held": parts.fanout.frames_held,
+                 **parts.fanout.hold.status()},
         "backend": parts.backend.name,
         "renderer": parts.backend.status(),
         "room": {
