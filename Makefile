@@ -12,7 +12,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config portaudio19-dev libsyste
                 genimage mtools dosfstools e2fsprogs zstd xz-utils qemu-system-x86 ovmf \
                 qemu-system-arm qemu-efi-aarch64 qemu-user-static chromium \
                 libsdl2-2.0-0 libegl1 libgles2 libegl-mesa0 libgl1-mesa-dri libgbm1 \
-                xvfb x11-apps \
+                xvfb x11-apps openssh-client \
                 $(if $(shell command -v npm),,nodejs npm)
 # The dev server's browser viewer (livekit-client) and the browser test's driver
 # (playwright-core): versions pinned in its package-lock.json.

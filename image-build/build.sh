@@ -274,6 +274,8 @@ install_app() {
     rm -f "$ROOT/tmp/$whl"
     in_root /opt/appliance/venv/bin/pip check
     in_root /opt/appliance/venv/bin/appliance --version
+    # `appliance status`, `sudo appliance say ...` for an operator at the console or over SSH
+    ln -sf /opt/appliance/venv/bin/appliance "$ROOT/usr/local/bin/appliance"
 
     # units: the repository's systemd/
     units="$REPO/systemd"

@@ -114,6 +114,7 @@ def boot_image(
     screen: tuple[int, int] | None = None,
     after_report: Callable[[Qmp, BootResult], object] | None = None,
     open_network: bool = False,
+    ssh_port: int | None = None,
 ) -> BootResult:
     """Boot a scratch copy of ``image`` and collect the console until the boot report ends.
 
@@ -122,7 +123,8 @@ def boot_image(
     before QEMU is stopped, with a QMP connection (``qmp.screendump(path)``).
 
     ``open_network``: user-mode networking without restrict=on. Only inside a network
-    namespace that routes nowhere (see the module's docstring)."""
+    namespace that routes nowhere (see the module's docstring). ``ssh_port``: the guest's port
+    22 answers on the caller's 127.0.0.1:ssh_port (a forward works with restrict=on too)."""
     code, vars_template = FIRMWARE[arch]
     with tempfile.TemporaryDirectory(prefix="kiosk-boot-", dir=os.environ.get("IMAGE_SCRATCH")) as tmp:
         disk = Path(tmp) / "disk.img"
@@ -151,7 +153,8 @@ def boot_image(
             "-drive", f"if=pflash,format=raw,unit=1,file={nvram}",
             "-drive", f"file={disk},format=raw,if=virtio,cache=unsafe",
             # user-mode network, restricted: DHCP inside, no packet leaves the host
-            "-nic", f"user,model={nic}" + ("" if open_network else ",restrict=on"),
+            "-nic", f"user,model={nic}" + ("" if open_network else ",restrict=on")
+            + (f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""),
             "-device", "virtio-rng-pci",
             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
         ]

@@ -1,5 +1,9 @@
 """A LiveKit room and a shell for a kiosk booted under QEMU (tests/test_image.py).
 
+``GuestShell`` is what an operator does with the image's SSH: a key pair made for the test
+(its public half goes onto the boot partition as ``authorized_keys``) and ``ssh kiosk@...``
+through QEMU's port forward.
+
 ``GuestRoom`` runs the dev server and a token endpoint (the ``[livekit] token_url`` request
 the kiosk documents: ``GET /token?room=..&identity=..&kind=..``) on an address of the test's
 private network namespace, in an event loop of their own on a thread, so that they serve while
@@ -12,8 +16,11 @@ reaches nothing else. No secret goes onto the image: the kiosk fetches its token
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -76,3 +83,30 @@ class GuestRoom:
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class GuestShell:
+    """``ssh kiosk@127.0.0.1 -p port`` with a key made for this test."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.key = directory / "id_ed25519"
+        self.port = port
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "image-test",
+                        "-f", str(self.key)], check=True)
+        self.public_key = self.key.with_suffix(".pub").read_text()
+
+    def run(self, command: str, stdin: bytes = b"", timeout_s: float = 120.0) -> str:
+        done = subprocess.run(
+            ["ssh", "-i", str(self.key), "-p", str(self.port), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-o", "ConnectTimeout=60", "-o", "LogLevel=ERROR", "kiosk@127.0.0.1", command],
+            input=stdin, capture_output=True, timeout=timeout_s)
+        assert done.returncode == 0, f"guest: {command!r} failed ({done.returncode}): {done.stderr.decode()}"
+        return done.stdout.decode()

@@ -18,7 +18,11 @@ onto the boot partition of a scratch copy.
 The amd64 boots have a screen (virtio-vga 1280x720, `-display none`). With the invalid config
 (the defaults: no room to join) the test takes QMP screendumps after READY until the avatar is
 on the screen — letterboxed in black, matching a reference frame rendered here, no console
-text or cursor over it — and saves them as PNGs ($SCREEN_PICTURES, default /tmp). The valid
+text or cursor over it — and saves them as PNGs ($SCREEN_PICTURES, default /tmp). That boot
+also has the test's SSH key on its boot partition; over SSH, as an operator would, it makes
+the avatar speak (`sudo appliance say -` with a WAV: the mouth must move on the screen), then
+unplugs the monitor and plugs it back (the DRM connector's sysfs status forced "off", then
+"detect"): the screen must say "no display connected", then show the avatar again. The valid
 config points the kiosk at a dev server inside the test's network namespace
 (tests/guest_room.py: QEMU's user-mode network, unrestricted there, reaches that namespace and
 nothing beyond), with a token_url, so no secret goes onto the image: the booted kiosk's avatar
@@ -47,18 +51,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "image-build"))
 
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 import qemu_boot  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from guest_room import GuestRoom  # noqa: E402
+from guest_room import GuestRoom, GuestShell, free_port  # noqa: E402
 from pictures import read_ppm, write_png  # noqa: E402
 
 from appliance.dev import netns  # noqa: E402
-from appliance.runtimes.reference import ReferenceRuntime  # noqa: E402
+from appliance.runtimes.reference import ReferenceRuntime, mouth_box_for, mouth_open_fraction  # noqa: E402
 
 BUILD_TIMEOUT_S = 1800
 BOOT_TIMEOUT_S = 900
@@ -96,12 +102,6 @@ token_url = "{token_url}"
 connect_timeout_s = 20.0
 retry_max_s = 5.0
 """
-
-# a public key (its private half was thrown away): SSH must get enabled for the user "kiosk"
-OPERATOR_KEY = (
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIM2oltwfGFszYhYIWkfA18qJB5kmXXI3+QGhl0vyY9ck ci@image-test\n"
-)
-
 
 def _missing_tools(arch: str) -> list[str]:
     tools = ["mmdebstrap", "genimage", "mcopy", "mkfs.vfat", "mke2fs", "zstd"]
@@ -167,14 +167,17 @@ def _assert_running(result: qemu_boot.BootResult) -> None:
     assert result.find(r"root filesystem grown from \d+ MiB to \d+ MiB")
 
 
-@pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S + SCREEN_WAIT_S)
-def test_bad_boot_config_keeps_defaults(amd64_image: Path, tmp_path: Path) -> None:
-    result = _boot(amd64_image, "amd64", {"appliance.toml": BAD_CONFIG}, "bad-config", tmp_path,
-                   after_report=screen_check)
-    dumps: list[tuple[float, Path, str | None]] = result.screen or []  # type: ignore[assignment]
-    print_dumps(dumps)
-    assert dumps and dumps[-1][2] is None, "the avatar never showed on the screen"
-    assert sum(verdict is None for _, _, verdict in dumps) >= 3, "the avatar did not stay on the screen"
+@pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S + SCREEN_WAIT_S + 400)
+def test_bad_boot_config_keeps_defaults_and_the_screen_speaks(amd64_image: Path, tmp_path: Path) -> None:
+    shell = GuestShell(tmp_path, free_port())
+    files = {"appliance.toml": BAD_CONFIG, "authorized_keys": shell.public_key}
+    result = _boot(amd64_image, "amd64", files, "bad-config", tmp_path,
+                   after_report=visit(shell), ssh_port=shell.port)
+    v: Visit = result.screen  # type: ignore[assignment]
+    assert v is not None, "no screendumps: the boot report never ended"
+    print_dumps(v.boot)
+    assert v.boot[-1][2] is None, "the avatar never showed on the screen"
+    assert sum(verdict is None for _, _, verdict in v.boot) >= 3, "the avatar did not stay on the screen"
     # the console says the file was not applied, and why, with file:line: key
     assert result.find(r"boot config /boot/firmware/appliance.toml NOT applied"), result.report
     assert result.find(r"/boot/firmware/appliance.toml:4: \[livekit\] retry_max_s"), result.report
@@ -184,8 +187,30 @@ def test_bad_boot_config_keeps_defaults(amd64_image: Path, tmp_path: Path) -> No
     room = result.find(r"^\s*room:")
     assert room and re.search(r"room:\s+lobby at ", room), room
     assert not result.find(r"museum-lobby")
-    # no key on the boot partition: nothing listens on port 22 (not even socket activation)
-    assert result.find(r"^SSH: off"), result.report
+    # SSH: enabled for the operator account with the key from the boot partition
+    assert result.find(r"SSH enabled \(keys only\): ssh kiosk@kiosk-[0-9a-f]{8}"), result.report
+    assert result.find(r"^SSH: on"), result.report
+    # speaking, with no room: `appliance say` moves the mouth on the screen
+    print(f"appliance say in the guest: {v.said.strip()!r}; mouth open on the screen (dark share of "
+          f"the mouth box): idle {', '.join(f'{m:.3f}' for m in v.idle_mouth)}; after `say` "
+          f"{', '.join(f'{m:.3f}' for _, m in v.speaking_mouth)}")
+    assert v.said.startswith("speaking 4.57 s"), v.said
+    idle = max(v.idle_mouth)
+    mouths = [m for _, m in v.speaking_mouth]
+    assert max(mouths) > max(0.06, 2.5 * idle), (v.idle_mouth, mouths)
+    assert max(mouths) - min(mouths) > 0.03, "the mouth did not move"
+    # unplugged: the screen says so; plugged back: the avatar again, within seconds
+    print(f"{v.connector} forced off: " + "; ".join(f"{t:.0f} s {verdict or 'avatar'}"
+                                                    for t, _, verdict in v.unplugged))
+    print(f"display while unplugged: {v.unplugged_display}")
+    assert v.unplugged_display["state"] == "no display connected", v.unplugged_display
+    back = next((t for t, _, verdict in v.replugged if verdict is None), None)
+    print(f"{v.connector} detected again: the avatar back on the screen after "
+          f"{back if back is not None else 'never'} s (a screendump every 1 s); display {v.display}")
+    assert back is not None and back < 30, v.replugged
+    assert v.display["state"] == "showing" and v.display["connector"], v.display
+    print(f"plugged back: {v.moving_after:.2%} of the screen changed within 1 s (the avatar sways)")
+    assert v.moving_after > 0.001, "the screen is not being drawn after the replug"
 
 
 def reference_picture() -> np.ndarray:
@@ -224,10 +249,12 @@ def screendump(qmp: qemu_boot.Qmp) -> np.ndarray:
 
 
 def dumps_until(qmp: qemu_boot.Qmp, name: str, wait_s: float, every_s: float = 5.0,
-                then: int = 2) -> list[tuple[float, Path, str | None]]:
-    """Screendumps every ``every_s`` until the avatar is on the screen, then ``then`` more, or
-    until ``wait_s`` passed: (seconds, PNG, why it is not the avatar)."""
-    frame, dumps, hits = reference_picture(), [], 0
+                then: int = 2, shown: bool = True) -> list[tuple[float, Path, str | None]]:
+    """Screendumps every ``every_s`` until the avatar is on the screen (``shown=False``: until
+    it is not), then ``then`` more, or until ``wait_s`` passed: (seconds, PNG, why it is not
+    the avatar)."""
+    frame, hits = reference_picture(), 0
+    dumps: list[tuple[float, Path, str | None]] = []
     start = time.monotonic()
     while time.monotonic() - start < wait_s and hits <= then:
         t = time.monotonic() - start
@@ -235,20 +262,83 @@ def dumps_until(qmp: qemu_boot.Qmp, name: str, wait_s: float, every_s: float = 5
         path = write_png(PICTURES / f"screen-{name}-{len(dumps):02d}.png", picture)
         verdict = avatar_on_screen(picture, frame)
         dumps.append((round(t, 1), path, verdict))
-        hits += verdict is None
+        hits += (verdict is None) == shown
         if hits <= then:
             time.sleep(every_s)
     return dumps
-
-
-def screen_check(qmp: qemu_boot.Qmp, result: qemu_boot.BootResult) -> list[tuple[float, Path, str | None]]:
-    return dumps_until(qmp, "boot", SCREEN_WAIT_S)
 
 
 def print_dumps(dumps: list[tuple[float, Path, str | None]]) -> None:
     print("screendumps after the boot report (seconds after it, file, what was wrong):")
     for t, path, verdict in dumps:
         print(f"  {t:6.1f} s  {path}  {verdict or 'the avatar, letterboxed, nothing over it'}")
+
+
+def mouth_on_screen(picture: np.ndarray) -> float:
+    """The dark share of the avatar's mouth box, where the letterboxed screen shows it."""
+    h, w = picture.shape[:2]
+    side = min(w, h)
+    x0, scale = (w - side) // 2, side / 512
+    bx0, by0, bx1, by1 = mouth_box_for("", 512, 512)
+    box = (x0 + int(bx0 * scale), int(by0 * scale), x0 + int(bx1 * scale) + 1, int(by1 * scale) + 1)
+    return mouth_open_fraction(picture, box)
+
+
+@dataclass
+class Visit:
+    """What the booted kiosk's screen showed: the avatar, speaking, unplugged, plugged back."""
+
+    boot: list[tuple[float, Path, str | None]]
+    idle_mouth: list[float] = field(default_factory=list)
+    said: str = ""
+    speaking_mouth: list[tuple[float, float]] = field(default_factory=list)  # (s after `say`, mouth)
+    connector: str = ""
+    unplugged: list[tuple[float, Path, str | None]] = field(default_factory=list)
+    unplugged_display: dict[str, Any] = field(default_factory=dict)
+    replugged: list[tuple[float, Path, str | None]] = field(default_factory=list)
+    display: dict[str, Any] = field(default_factory=dict)
+    moving_after: float = 0.0  # share of pixels that changed between dumps 1 s apart, plugged back
+
+
+SPEECH = REPO / "appliance" / "data" / "hello.wav"  # 4.6 s, also on the image
+SPEAKING_WATCH_S = 25.0  # `say` returns before the speech is heard; TCG renders ~5 fps
+
+
+def visit(shell: GuestShell) -> Callable[[qemu_boot.Qmp, qemu_boot.BootResult], Visit]:
+    """After the boot report, as an operator at the kiosk with SSH would see it."""
+    def run(qmp: qemu_boot.Qmp, result: qemu_boot.BootResult) -> Visit:
+        v = Visit(boot=dumps_until(qmp, "boot", SCREEN_WAIT_S))
+        if v.boot[-1][2] is not None:
+            return v
+        for _ in range(6):
+            v.idle_mouth.append(mouth_on_screen(screendump(qmp)))
+            time.sleep(0.5)
+        # the avatar speaks with no room: `appliance say`, typed over SSH
+        v.said = shell.run("sudo appliance say -", stdin=SPEECH.read_bytes())
+        said = time.monotonic()
+        while (t := time.monotonic() - said) < SPEAKING_WATCH_S:
+            picture = screendump(qmp)
+            v.speaking_mouth.append((round(t, 1), mouth_on_screen(picture)))
+            write_png(PICTURES / f"screen-speaking-{len(v.speaking_mouth):02d}.png", picture)
+            time.sleep(0.3)
+        # the monitor unplugged and plugged back in: the connector's status forced off, then
+        # probed again (what the kernel does on a hotplug interrupt)
+        listing = shell.run("grep -H . /sys/class/drm/card*-*/status")
+        v.connector = next(line.rsplit(":", 1)[0] for line in listing.splitlines()
+                           if line.endswith(":connected"))
+        shell.run(f"echo off | sudo tee {v.connector} >/dev/null")
+        v.unplugged = dumps_until(qmp, "unplugged", 30, every_s=2.0, then=0, shown=False)
+        v.unplugged_display = json.loads(shell.run("sudo appliance status --json"))["display"]
+        shell.run(f"echo detect | sudo tee {v.connector} >/dev/null")
+        v.replugged = dumps_until(qmp, "replugged", 90, every_s=1.0, then=1)
+        v.display = json.loads(shell.run("sudo appliance status --json"))["display"]
+        # drawn again, not a picture the unplugged connector kept: the idle avatar sways
+        first = screendump(qmp)
+        time.sleep(1.0)
+        v.moving_after = float((np.abs(screendump(qmp).astype(int) - first).max(axis=2) > 16).mean())
+        return v
+
+    return run
 
 
 def joined(room: GuestRoom) -> Callable[[qemu_boot.Qmp, qemu_boot.BootResult], list[str]]:
@@ -271,8 +361,7 @@ def test_valid_boot_config_is_applied_and_the_kiosk_joins_the_room(
         amd64_image: Path, tmp_path: Path, media_host: str) -> None:
     room = GuestRoom(media_host)
     try:
-        files = {"appliance.toml": ROOM_CONFIG.format(url=room.url, token_url=room.token_url),
-                 "authorized_keys": OPERATOR_KEY}
+        files = {"appliance.toml": ROOM_CONFIG.format(url=room.url, token_url=room.token_url)}
         result = _boot(amd64_image, "amd64", files, "good-config", tmp_path,
                        after_report=joined(room), open_network=True)
     finally:
@@ -290,9 +379,8 @@ def test_valid_boot_config_is_applied_and_the_kiosk_joins_the_room(
     assert (kiosk, "agent") in room.token_requests, room.token_requests  # the avatar
     assert (f"{kiosk}-visitor", "standard") in room.token_requests, room.token_requests
     assert {kiosk, f"{kiosk}-visitor"} <= set(result.screen or []), result.screen  # type: ignore[arg-type]
-    # SSH: enabled for the operator account with the key from the boot partition
-    assert result.find(r"SSH enabled \(keys only\): ssh kiosk@kiosk-[0-9a-f]{8}"), result.report
-    assert result.find(r"^SSH: on"), result.report
+    # no key on the boot partition: nothing listens on port 22 (not even socket activation)
+    assert result.find(r"^SSH: off"), result.report
 
 
 @pytest.mark.skipif(os.environ.get("IMAGE_TEST_ARM64") == "0", reason="IMAGE_TEST_ARM64=0")
