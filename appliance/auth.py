@@ -26,7 +26,7 @@ from appliance.config import Config, Secret
 from appliance.errors import OperatorError
 
 __all__ = ["TokenError", "TokenSource", "MintedTokens", "FetchedTokens", "Role", "AVATAR", "VISITOR", "ROOM_ADMIN",
-           "tokens_for",
+           "WORKER_TTL_S", "tokens_for", "worker_role",
            "PUBLISH_ON_BEHALF", "NO_AGENT_YET"]
 
 # The attribute LiveKit Agents and its front ends read to pair an avatar with its agent.
@@ -55,6 +55,14 @@ VISITOR = Role(kind="standard", can_subscribe=False, can_update_metadata=False)
 # minted (or fetched) when needed and short-lived, never a project-wide admin token.
 ROOM_ADMIN = Role(kind="", can_subscribe=False, can_update_metadata=False, room_admin=True)
 ADMIN_TTL_S = 600
+# A remote avatar worker (the fallback ladder's): an agent that is the kiosk's avatar, minted
+# short-lived for the kiosk's room only, with no secret in any attribute.
+WORKER_TTL_S = 600
+
+
+def worker_role(kiosk_identity: str) -> Role:
+    return Role(kind="agent", can_subscribe=True, can_update_metadata=False,
+                attributes=((PUBLISH_ON_BEHALF, kiosk_identity),))
 
 
 class TokenError(OperatorError):
@@ -144,7 +152,9 @@ class FetchedTokens(TokenSource):
     The service should answer a token of that kind for that identity; for ``kind=agent`` (the
     avatar) with ``canUpdateOwnMetadata``, so the avatar can name the agent it serves. For agent
     dispatch the kiosk asks ``?room=..&identity=..&grant=room_admin``: a short-lived token with
-    ``roomAdmin`` for that room only (no join)."""
+    ``roomAdmin`` for that room only (no join). For a remote avatar worker of the fallback
+    ladder, ``?room=..&identity=bithuman-avatar-agent&kind=agent&lk.publish_on_behalf=<kiosk>``:
+    kind agent with that attribute and nothing else (no secret in it), short-lived."""
 
     def __init__(self, *, url: str, room: str, identity: str, role: Role = AVATAR,
                  timeout_s: float = 10.0) -> None:
@@ -157,6 +167,8 @@ class FetchedTokens(TokenSource):
 
     async def _new_token(self) -> tuple[str, float]:
         wants = {"grant": "room_admin"} if self._role.room_admin else {"kind": self._role.kind}
+        if self._role.attributes and self._role is not AVATAR:  # a remote worker: whose avatar it is
+            wants.update(dict(self._role.attributes))
         query = urllib.parse.urlencode({"room": self._room, "identity": self._identity, **wants})
         url = f"{self._url}{'&' if '?' in self._url else '?'}{query}"
         try:
@@ -190,7 +202,7 @@ class FetchedTokens(TokenSource):
         return token, ttl_s
 
 
-def tokens_for(config: Config, role: Role = AVATAR, identity: str = "") -> TokenSource:
+def tokens_for(config: Config, role: Role = AVATAR, identity: str = "", ttl_s: int = 0) -> TokenSource:
     """Join tokens for one of the kiosk's participants (default the avatar, ``[livekit]
     identity``; the visitor with ``VISITOR`` and its identity), with the same credentials, as
     ``[livekit]`` says: fetched from token_url, or minted."""
@@ -209,4 +221,4 @@ def tokens_for(config: Config, role: Role = AVATAR, identity: str = "") -> Token
                          setting="[livekit] api_key / api_secret_file / token_url",
                          fix="set api_key and api_secret_file, or token_url")
     return MintedTokens(api_key=lk.api_key, api_secret=secret, room=lk.room,
-                        identity=identity, ttl_s=lk.token_ttl_s, role=role)
+                        identity=identity, ttl_s=ttl_s or lk.token_ttl_s, role=role)

@@ -19,13 +19,20 @@ frames only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from appliance.backends.hold import HOLD_AFTER_S, HOLD_FPS, SPEECH_HICCUP_S, HoldLoop
+from appliance.backends.hold import (
+    HOLD_AFTER_INTERVALS,
+    HOLD_AFTER_S,
+    HOLD_FPS,
+    SPEECH_HICCUP_S,
+    HoldLoop,
+)
 from appliance.runtimes import Frame
 
 __all__ = ["FrameSink", "FrameSource", "FrameFanout", "FpsMeter"]
@@ -70,6 +77,12 @@ class FpsMeter:
             self._times.popleft()
 
 
+def _retrieved(future: asyncio.Future[Frame]) -> None:
+    """A pull that ended with the source (or was cancelled) is not an unhandled error."""
+    if not future.cancelled():
+        future.exception()
+
+
 class FrameFanout:
     """Delivers the active source's frames to every sink; see the module docstring.
 
@@ -88,6 +101,8 @@ class FrameFanout:
         self.last_held_at: float | None = None
         self.frames_sent = 0
         self.frames_held = 0
+        self._delivered: deque[tuple[float, float]] = deque()  # (when, wait since the one before)
+        self._real_intervals: deque[float] = deque(maxlen=25)  # between the source's last frames
         self.meter = FpsMeter()
         self._sink_errors: dict[int, float] = {}  # id(sink) → when its last error was logged
 
@@ -141,21 +156,44 @@ class FrameFanout:
                 await self._switched.wait()
                 continue
             self._switched.clear()
-            async for frame in source.frames():
+            if await self._pump_from(source):
+                return  # closed, and nothing replaced it
+
+    async def _pump_from(self, source: FrameSource) -> bool:
+        """Frames of ``source`` until a switch (False) or its end (True: nothing replaced it).
+        A switch while the source is silent (a hung renderer) does not wait for its next frame."""
+        frames = source.frames().__aiter__()
+        switched = asyncio.ensure_future(self._switched.wait())
+        pulling: asyncio.Future[Frame] | None = None
+        try:
+            while True:
+                pulling = asyncio.ensure_future(frames.__anext__())
+                pulling.add_done_callback(_retrieved)
+                await asyncio.wait({pulling, switched}, return_when=asyncio.FIRST_COMPLETED)
+                if not pulling.done():
+                    pulling.cancel()  # ends that generator; the source makes a new one next time
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await pulling
+                    return False
+                try:
+                    frame = pulling.result()
+                except StopAsyncIteration:
+                    return source is self._source
                 await self._deliver(frame)  # the last frame of the old source too
                 if source is not self._source:
-                    break  # switched: the next frame comes from the new source
-            else:
-                if source is self._source:
-                    return  # closed, and nothing replaced it
+                    return False  # switched: the next frame comes from the new source
+        finally:
+            switched.cancel()
+            if pulling is not None:
+                pulling.cancel()  # the pump itself was cancelled (the kiosk is stopping)
 
     async def _hold(self) -> None:
-        """Hold frames on a 25 fps schedule from HOLD_AFTER_S after the last real frame."""
+        """Hold frames on a 25 fps schedule from ``hold_after_s()`` after the last real frame."""
         interval = 1.0 / HOLD_FPS
         while True:
             now = time.monotonic()
             due = (self.last_held_at + interval if self.holding and self.last_held_at is not None
-                   else (self.last_frame_at or now) + HOLD_AFTER_S)
+                   else (self.last_frame_at or now) + self.hold_after_s())
             if due > now:
                 await asyncio.sleep(due - now)
                 continue  # a real frame may have come meanwhile
@@ -170,16 +208,39 @@ class FrameFanout:
         async with self._delivering:
             now = time.monotonic()
             if held:
-                if self.last_frame_at is not None and now - self.last_frame_at < HOLD_AFTER_S:
+                if self.last_frame_at is not None and now - self.last_frame_at < self.hold_after_s():
                     return  # the source came back while this one waited
                 self.last_held_at = now
                 self.frames_held += 1
             else:
+                if self.last_frame_at is not None:
+                    self._real_intervals.append(now - self.last_frame_at)
                 self.last_frame_at, self.last_frame_speaking = now, frame.speaking
                 self.meter.tick(now)
                 self.frames_sent += 1
                 self.hold.record(frame)
+            self._count_interval(now)
             await self._to_sinks(frame, now)
+
+    def hold_after_s(self) -> float:
+        """How long the source may be silent before hold frames go out: two frame intervals at
+        25 fps, or two of its own when it is slower (its median over the last second or so)."""
+        if not self._real_intervals:
+            return HOLD_AFTER_S
+        typical = sorted(self._real_intervals)[len(self._real_intervals) // 2]
+        return max(HOLD_AFTER_S, HOLD_AFTER_INTERVALS * typical)
+
+    def _count_interval(self, now: float) -> None:
+        if self._delivered:
+            self._delivered.append((now, now - self._delivered[-1][0]))
+        else:
+            self._delivered.append((now, 0.0))
+        while now - self._delivered[0][0] > 30.0:
+            self._delivered.popleft()
+
+    def longest_interval_ms(self) -> float:
+        """The longest wait between two frames to the sinks (real or hold) in the last 30 s."""
+        return round(1000 * max((gap for _, gap in self._delivered), default=0.0), 1)
 
     async def _to_sinks(self, frame: Frame, now: float) -> None:
         for sink in list(self._sinks):

@@ -27,6 +27,7 @@ from typing import Any
 
 from appliance.auth import ROOM_ADMIN, VISITOR, TokenError, tokens_for
 from appliance.backends.hold import HoldLoop, hold_cache_dir
+from appliance.backends.ladder import Ladder
 from appliance.backends.local import LocalBackend
 from appliance.config import Config, ConfigError, Problem, restart_only_keys, save_last_good
 from appliance.config.boot import refused_import
@@ -99,6 +100,9 @@ class Supervisor:
                                     stall_timeout_s=config.avatar.stall_timeout_s,
                                     on_state=self._status_changed)
         self.room: KioskRoom | None = None
+        # the fallback ladder: which backend serves, and the room's speech sink
+        self.ladder = Ladder(config, self.backend, self.fanout, self.problems.owner("backend"),
+                             room=lambda: self.room, on_state=self._status_changed)
         self.updates: ModelUpdates | None = None
         self.devices: Devices | None = None  # GPIO sensors and LED (optional hardware)
         self.audio: AudioLink | None = None  # the audio child: speaker, microphone, visitor
@@ -172,6 +176,7 @@ class Supervisor:
         # the screen's start-up would compete with the renderer's
         self._start_screen(self.config)
         self._start_room(self.config)
+        self._tasks.spawn(self.ladder.run(), "fallback ladder")
 
     async def run(self) -> None:
         servers = await self._start_status_servers()
@@ -284,13 +289,13 @@ class Supervisor:
             return {"ok": False, "error": "appliance say: the conversation agent is speaking; "
                                           "try again when its reply has ended"}
         if request.get("stop"):
-            self.backend.interrupt()
+            self.ladder.interrupt()
             return {"ok": True, "stopped": True}
         try:
             pcm, rate = decode_wav(base64.b64decode(str(request.get("wav", "")), validate=True))
         except (SpeakError, binascii.Error) as exc:
             return {"ok": False, "error": f"appliance say: {exc}"}
-        if not speak(self.backend, pcm, rate):
+        if not speak(self.ladder, pcm, rate):
             return {"ok": False, "error": "appliance say: the renderer is not running "
                                           "(see `appliance status`)"}
         return {"ok": True, "seconds": round(len(pcm) / rate, 2)}
@@ -392,7 +397,7 @@ class Supervisor:
             tokens,
             # before the first successful start the renderer cannot tell; the config can
             self.backend.video or VideoSpec(avatar.width, avatar.height, 25.0),
-            self.backend,
+            self.ladder,  # speech goes to whichever backend serves
             on_state=lambda state, reason: self._status_changed(),
             problems=problems,
         )
@@ -499,6 +504,8 @@ class Supervisor:
                     f"new model not used: {reason}; the current one keeps serving",
                     subject=wanted.model, setting="[avatar] model",
                     fix="fix the model or point [avatar] model back at a working one")
+        if any(key.startswith(("fallback.", "secret avatar", "secret livekit", "livekit.")) for key in changed):
+            await self.ladder.apply(new)
         if any(key.startswith("agent.") for key in changed):
             self.presence.set_limits(end_after_absent_s=new.agent.end_after_absent_s,
                                      max_session_s=new.agent.max_session_s)
@@ -524,7 +531,7 @@ class Supervisor:
     def _parts(self) -> Parts:
         return Parts(self.config, self.started_at, self.backend, self.fanout, self.room,
                      self.updates, self.devices, self.problems, self.last_presence, self.last_reload,
-                     self.audio, self.screen, self.presence, self.conversation)
+                     self.audio, self.screen, self.presence, self.conversation, self.ladder)
 
     def status_line(self) -> str:
         return status_line(self._parts())

@@ -144,3 +144,24 @@ async def test_a_hold_in_mid_speech_adds_no_audio_at_first() -> None:
     held = [(t - last_speaking, len(f.audio)) for t, f in seen.frames if "held" in f.meta]
     assert held and all(n == 0 for dt, n in held if dt < SPEECH_HICCUP_S - 0.05), held
     assert all(n == 640 for dt, n in held if dt > SPEECH_HICCUP_S + 0.05), held
+
+
+class Slow:
+    """A source at 4 fps (a starved device): slow, not stopped."""
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        for n in range(12):
+            await asyncio.sleep(0.25)
+            yield frame(n)
+
+
+async def test_a_slow_source_is_not_held() -> None:
+    seen = Seen()
+    fanout = FrameFanout(Slow(), hold=HoldLoop())
+    fanout.hold.use_model("m")
+    fanout.add_sink(seen)
+    await fanout.run()
+    real = [t for t, f in seen.frames if "n" in f.meta]
+    held = [t for t, f in seen.frames if "held" in f.meta]
+    assert len(real) == 12 and all(t < real[1] for t in held), (len(held), "held once its pace was known")
+    assert 0.45 <= fanout.hold_after_s() <= 0.6  # two of its own intervals

@@ -34,7 +34,7 @@ class Recorder:
         self.slow_s = slow_s
 
     async def send_frame(self, frame: Frame) -> None:
-        self.seen.append(frame.meta["id"])
+        self.seen.append(frame.meta.get("id", "held"))
         if self.slow_s:
             await asyncio.sleep(self.slow_s)
 
@@ -82,3 +82,27 @@ async def test_pump_ends_when_its_source_closes_and_waits_when_it_has_none() -> 
     assert fanout.flowing(1.0)
     source.closed.set()
     await asyncio.wait_for(pump, 5)
+
+
+class Hung(Source):
+    """A few frames, then nothing ever again (a renderer stuck in a native call)."""
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        async for frame in super().frames():
+            yield frame
+            if self.made == 3:
+                await asyncio.Event().wait()
+
+
+async def test_a_switch_away_from_a_hung_source_does_not_wait_for_its_next_frame() -> None:
+    hung, fresh = Hung("a"), Source("b")
+    fanout, recorder = FrameFanout(hung), Recorder()
+    fanout.add_sink(recorder)
+    pump = asyncio.create_task(fanout.run())
+    await asyncio.sleep(0.1)
+    assert [i for i in recorder.seen if i.startswith("a")] == ["a0", "a1", "a2"]
+    fanout.switch_to(fresh)
+    await asyncio.sleep(0.1)
+    assert any(i.startswith("b") for i in recorder.seen), recorder.seen  # the hung one did not hold it up
+    fresh.closed.set()
+    await asyncio.wait_for(pump, 2)

@@ -24,13 +24,17 @@ import numpy as np
 
 from appliance.runtimes import AUDIO_SAMPLE_RATE, Frame
 
-__all__ = ["HOLD_AFTER_S", "HOLD_FPS", "LOOP_FRAMES", "SPEECH_HICCUP_S", "HoldLoop", "hold_cache_dir"]
+__all__ = ["HOLD_AFTER_INTERVALS", "HOLD_AFTER_S", "HOLD_FPS", "LOOP_FRAMES", "SPEECH_HICCUP_S", "HoldLoop", "hold_cache_dir"]
 
 log = logging.getLogger("appliance.hold")
 
 HOLD_FPS = 25.0
 LOOP_FRAMES = 50  # two seconds: a blink and a breath
 HOLD_AFTER_S = 0.08  # two frame intervals without a frame: hold (a viewer's gap stays < 100 ms)
+# ... two of the source's own intervals, when it is slower than 25 fps: a slow renderer (a
+# starved device) is not a stopped one, and hold frames between its frames would only take
+# more of the CPU it lacks
+HOLD_AFTER_INTERVALS = 2.0
 # In the middle of speech a late frame is usually a hiccup, and its audio is still coming:
 # silence from hold frames would push the rest of the reply later at every sink. So the
 # first hold frames after a speaking one carry no audio; past this they carry silence (a
@@ -59,12 +63,15 @@ class HoldLoop:
         self._recording: list[np.ndarray] = []
         self._last: np.ndarray | None = None
         self._position = 0
+        self._keep = True
 
-    def use_model(self, key: str) -> None:
-        """Frames now come from model ``key`` (any string naming runtime, model, size)."""
+    def use_model(self, key: str, keep: bool = True) -> None:
+        """Frames now come from model ``key`` (any string naming runtime, model, size);
+        ``keep=False``: its loop is not kept on disk (a remote backend's)."""
         if key == self.key:
             return
         self.key, self.loop, self.origin, self._recording = key, [], "none", []
+        self._keep = keep
         path = self._path()
         if path is not None and path.exists():
             try:
@@ -105,7 +112,7 @@ class HoldLoop:
         return {"loop": self.origin, "loop_frames": len(self.loop)}
 
     def _path(self) -> Path | None:
-        if self.cache_dir is None or not self.key:
+        if self.cache_dir is None or not self.key or not self._keep:
             return None
         return self.cache_dir / f"{hashlib.sha256(self.key.encode()).hexdigest()[:16]}.npz"
 

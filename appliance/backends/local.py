@@ -82,8 +82,9 @@ class LocalBackend:
             return reason
         fresh.skip_backlog(keep=2)  # two frames absorb the phase offset between the two clocks
         old, self.renderer, self.spec = self.renderer, fresh, spec
-        self._fanout.hold.use_model(hold_key(spec))
-        self._fanout.switch_to(fresh)  # from its next frame on
+        if old is None or self._fanout.source is old:  # not while a remote backend serves
+            self._fanout.hold.use_model(hold_key(spec))
+            self._fanout.switch_to(fresh)  # from its next frame on
         self._problems.clear()  # the new model renders: the old one's problems are gone
         log.info("now rendering %s", spec.model, extra={"model": spec.model, "backend": spec.runtime})
         if old is not None:

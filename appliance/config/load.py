@@ -331,6 +331,10 @@ def _cross_checks(
     if "cloud" in fallback.ladder and not fallback.cloud_avatar_id:
         problems.append(Problem(*where("fallback.ladder"), "[fallback] cloud_avatar_id",
                                 "the ladder has cloud but no cloud_avatar_id", "set cloud_avatar_id or remove cloud"))
+    if "cloud" in fallback.ladder and not sections["avatar"].api_secret_file:
+        problems.append(Problem(*where("fallback.ladder"), "[avatar] api_secret_file",
+                                "the ladder has cloud but no bitHuman API secret",
+                                "set [avatar] api_secret_file to the file with the bitHuman API secret"))
     return problems
 
 

@@ -143,7 +143,10 @@ class FallbackSection:
     gpu_api_secret_file: str = setting(
         "", "file holding the GPU endpoint's secret (mode 0600)", secret_file=True
     )
-    cloud_avatar_id: str = setting("", "bitHuman cloud avatar id for the cloud backend")
+    cloud_api_url: str = setting("https://api.bithuman.ai", "bitHuman's cloud API (the cloud rung)")
+    cloud_avatar_id: str = setting("", "bitHuman cloud avatar id (agent id) for the cloud rung")
+    cloud_model: str = setting("essence-2", "the model the cloud rung asks for",
+                               choices=("essence-1", "essence-2", "expression-1", "expression-2"))
     unhealthy_after_s: float = setting(
         10.0, "hand over when the local runtime produced no frame for this long", min=1, max=600
     )
@@ -337,10 +340,11 @@ def effective_values(config: Config) -> dict[str, Any]:
 def notes(config: Config) -> list[str]:
     """Valid settings this version does not act on yet: said plainly rather than ignored."""
     out = []
-    remote = [rung for rung in config.fallback.ladder if rung != "local"]
-    if remote:
-        out.append(f"[fallback] ladder: {', '.join(remote)} not available in this version "
-                   "— the kiosk serves with the local runtime only")
+    if "gpu" in config.fallback.ladder:
+        out.append("[fallback] ladder: gpu is not available in this version — the ladder skips it")
+    if "cloud" in config.fallback.ladder:
+        out.append("[fallback] ladder: cloud is a preview in this version — it takes over, but taking "
+                   "the avatar back to local is not reliable yet (a restart brings it back)")
     return out
 
 

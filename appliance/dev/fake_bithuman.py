@@ -145,13 +145,20 @@ class FakeCloud:
         if session.worker is not None and session.worker.poll() is None:
             session.worker.terminate()
 
-    async def _end(self, request: web.Request) -> web.Response:
+    def _session(self, request: web.Request) -> CloudSession | web.Response:
+        """The session the path names, or the refusal to answer."""
         refused = self._authorized(request)
         if refused is not None:
             return refused
         session = self.sessions.get(request.match_info["id"])
         if session is None:
             return _error(404, "NOT_FOUND", "no such session (or not yours)")
+        return session
+
+    async def _end(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if isinstance(session, web.Response):
+            return session
         already = session.status == "ended"
         self._end_worker(session)
         return web.json_response({"session_id": session.id, "status": "ended", "billed_seconds": 1,
@@ -159,12 +166,9 @@ class FakeCloud:
                                   "note": "already ended" if already else ""})
 
     async def _get(self, request: web.Request) -> web.Response:
-        refused = self._authorized(request)
-        if refused is not None:
-            return refused
-        session = self.sessions.get(request.match_info["id"])
-        if session is None:
-            return _error(404, "NOT_FOUND", "no such session (or not yours)")
+        session = self._session(request)
+        if isinstance(session, web.Response):
+            return session
         if session.worker is not None and session.worker.poll() is not None:
             session.status = "ended"
         return web.json_response({"session_id": session.id, "status": session.status})

@@ -161,6 +161,15 @@ class AgentLink:
             log.warning("cannot set %s=%s on the kiosk (%s): [livekit] token_url must answer kind=agent "
                         "with canUpdateOwnMetadata; speech still plays", PUBLISH_ON_BEHALF, identity, exc)
 
+    def abort_reply(self, why: str) -> None:
+        """The backend playing the reply stopped serving mid-reply: tell the agent it was cut
+        where the viewers last heard it (its turn would never end otherwise)."""
+        playback, receiver = self._playback, self._receiver
+        if playback.active and receiver is not None:
+            log.info("reply cut after %.2f s: %s", playback.position_s, why)
+            receiver.notify_playback_finished(playback.position_s, interrupted=True)
+        playback.reset()
+
     def end_reply(self) -> None:
         """The agent or the room went away mid-reply: the rest of it is not played."""
         if self._playback.active:
@@ -202,6 +211,8 @@ class AgentLink:
                 receiver.notify_playback_started()
             playback.position_s += len(frame.audio) / AUDIO_SAMPLE_RATE
         if frame.end_of_speech:
-            log.info("playback finished after %.2f s", playback.position_s)
-            receiver.notify_playback_finished(playback.position_s, interrupted=False)
+            # a relayed reply's position is what the remote worker played
+            position = float(frame.meta.get("played_s", playback.position_s))
+            log.info("playback finished after %.2f s", position)
+            receiver.notify_playback_finished(position, interrupted=False)
             playback.reset()

@@ -100,6 +100,16 @@ class KioskRoom:
         return self._agent.agent_identity if self._agent else None
 
     @property
+    def rtc_room(self) -> rtc.Room | None:
+        """The connected room, while live (the fallback relay works in it)."""
+        return self._room if self.state in (RoomState.LIVE, RoomState.RECONNECTING) else None
+
+    def abort_reply(self, why: str) -> None:
+        """The backend stopped mid-reply: the agent hears that its reply was cut."""
+        if self._agent is not None:
+            self._agent.abort_reply(why)
+
+    @property
     def frames_published(self) -> int:
         """Frames published since this room object was made, over every connection."""
         return self._frames_before + (self._publisher.frames_published if self._publisher else 0)

@@ -27,16 +27,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from google.protobuf.message import Message
 from livekit.protocol import agent_dispatch
 
 from appliance.auth import TokenError, TokenSource
 from appliance.config.schema import AgentSection
 from appliance.retry import Backoff
+from appliance.room import server_api
 from appliance.status.problems import ProblemOwner
 
-__all__ = ["Conversation", "DispatchError", "http_url"]
+__all__ = ["Conversation", "DispatchError"]
 
 log = logging.getLogger("appliance.room.dispatch")
 
@@ -47,11 +47,6 @@ class DispatchError(Exception):
     pass
 
 
-def http_url(ws_url: str) -> str:
-    """The server API's base URL for a signalling URL (ws → http, wss → https)."""
-    return "http" + ws_url[len("ws"):] if ws_url.startswith("ws") else ws_url
-
-
 class Conversation:
     """Keeps the room's dispatch in line with presence; ``run()`` until cancelled."""
 
@@ -59,7 +54,7 @@ class Conversation:
                  tokens: TokenSource | None, problems: ProblemOwner,
                  served_agent: Callable[[], str | None], on_change: Callable[[], None] = lambda: None) -> None:
         self.settings = agent
-        self._api = http_url(url).rstrip("/") + "/twirp/livekit.AgentDispatchService/"
+        self._url = url
         self._room, self._avatar, self._visitor = room, avatar, visitor
         self._tokens = tokens
         self._problems = problems
@@ -202,26 +197,10 @@ class Conversation:
 
     async def _call(self, method: str, request: Message, answer: Message) -> Message:
         assert self._tokens is not None
-        token = await self._tokens.token()
         try:
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with aiohttp.ClientSession(timeout=timeout) as http, http.post(
-                    self._api + method, data=request.SerializeToString(),
-                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/protobuf"}) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    try:
-                        error = json.loads(body)
-                        code, msg = error.get("code", ""), error.get("msg", "")
-                    except ValueError:
-                        code, msg = "", body[:200].decode(errors="replace")
-                    if resp.status in (401, 403):
-                        self._tokens.invalidate()
-                    raise DispatchError(f"{method} refused by the server: HTTP {resp.status} {code}: {msg}")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise DispatchError(f"{method}: cannot reach {self._api} ({type(exc).__name__})") from None
-        answer.ParseFromString(body)
-        return answer
+            return await server_api.call(self._url, "AgentDispatchService/" + method, self._tokens, request, answer)
+        except server_api.ServerApiError as exc:
+            raise DispatchError(str(exc)) from None
 
     def status(self) -> dict[str, Any]:
         return {

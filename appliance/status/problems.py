@@ -32,7 +32,8 @@ __all__ = ["Problem", "Problems", "ProblemOwner"]
 
 log = logging.getLogger("appliance.status.problems")
 
-KINDS = ("config", "boot-config", "renderer", "room", "agent", "devices", "audio", "display", "updates")
+KINDS = ("config", "boot-config", "renderer", "backend", "room", "agent", "devices", "audio", "display",
+         "updates")
 
 
 @dataclass(frozen=True)

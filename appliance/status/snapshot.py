@@ -17,6 +17,7 @@ from appliance.room import RoomState
 from appliance.status.problems import Problems
 
 if TYPE_CHECKING:
+    from appliance.backends.ladder import Ladder
     from appliance.backends.local import LocalBackend
     from appliance.devices import Devices
     from appliance.devices.audio_link import AudioLink
@@ -46,6 +47,7 @@ class Parts:
     screen: Screen | None = None
     presence: Presence | None = None
     conversation: Conversation | None = None
+    ladder: Ladder | None = None
 
 
 def status_line(parts: Parts) -> str:
@@ -67,6 +69,8 @@ def status_line(parts: Parts) -> str:
     if room is None:
         problem = parts.problems.first("room")
         return f"rendering · {runtime} · {fps} · not joining: {problem.line() if problem else ''}"
+    if parts.ladder is not None and parts.ladder.active != "local":
+        runtime = f"{parts.ladder.active} (fallback: {parts.ladder.reason})"
     if room.state is RoomState.LIVE:
         return f"live in room {room.options.room} · {runtime} · {fps}"
     if room.state is RoomState.WAITING and room.retry_at is not None:
@@ -91,8 +95,9 @@ def snapshot(parts: Parts) -> dict[str, Any]:
         "fps_10s": round(parts.fanout.fps(), 2),
         # while no frames come, the tracks and the screen get the hold loop (backends/hold.py)
         "hold": {"holding": parts.fanout.holding, "frames_held": parts.fanout.frames_held,
-                 **parts.fanout.hold.status()},
-        "backend": parts.backend.name,
+                 "longest_interval_ms_30s": parts.fanout.longest_interval_ms(), **parts.fanout.hold.status()},
+        # which backend serves (the fallback ladder): active, state, since, reason, history
+        "backend": parts.ladder.status() if parts.ladder else {"active": parts.backend.name},
         "renderer": parts.backend.status(),
         "room": {
             "name": parts.config.livekit.room,

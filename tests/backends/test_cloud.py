@@ -19,13 +19,9 @@ AVATAR_ID = "A12BCD34"
 
 
 @pytest.fixture
-async def cloud() -> AsyncIterator[FakeCloud]:
-    fake = FakeCloud(api_secret=SECRET, spawn_workers=False)
-    await fake.start()
-    try:
+async def cloud(fake_cloud) -> AsyncIterator[FakeCloud]:  # type: ignore[no-untyped-def]
+    async with fake_cloud(api_secret=SECRET, spawn_workers=False) as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 def rung(fake: FakeCloud, secret: str = SECRET, **timing: float) -> CloudRung:
