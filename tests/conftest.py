@@ -135,3 +135,23 @@ def make_token() -> Callable[..., str]:
         return token.to_jwt()
 
     return make
+
+
+@pytest.fixture
+def fake_cloud():  # type: ignore[no-untyped-def]
+    """``async with fake_cloud(api_secret=..., host=...) as cloud``: a fake of bitHuman's cloud
+    API (appliance/dev/fake_bithuman.py), started, and stopped after."""
+    from contextlib import asynccontextmanager
+
+    from appliance.dev.fake_bithuman import FakeCloud
+
+    @asynccontextmanager
+    async def started(**options):  # type: ignore[no-untyped-def]
+        fake = FakeCloud(**options)
+        await fake.start()
+        try:
+            yield fake
+        finally:
+            await fake.stop()
+
+    return started
