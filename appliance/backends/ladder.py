@@ -94,7 +94,8 @@ class Ladder:
         return self._speech.flush()
 
     def interrupt(self) -> object:
-        self._fanout.drop_queued_audio()
+        if self.session is not None:  # the local backend drops the sinks' queued audio itself
+            self._fanout.drop_queued_audio()
         return self._speech.interrupt()
 
     # -- control ----------------------------------------------------------------------
