@@ -468,9 +468,10 @@ class Supervisor:
                 await self._apply(new, [])  # the model store may have switched (rollback)
                 return True
             log.info("config reloaded (%s): %s changed", trigger, ", ".join(changed))
+            # said before applying: status shows the new config from the first await in _apply on
+            self.last_reload = f"{', '.join(changed)} ({trigger})"
             await self._apply(new, changed)
             save_last_good(new)
-            self.last_reload = f"{', '.join(changed)} ({trigger})"
             return True
 
     async def _apply(self, new: Config, changed: list[str]) -> None:

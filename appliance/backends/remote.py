@@ -81,6 +81,7 @@ class RemoteSession:
     async def start(self) -> None:
         """Listen for the worker's tracks and playback calls; relay speech once it is ready."""
         room, local = self.room, self.room.local_participant
+        room.on("track_published", self._on_published)
         room.on("track_subscribed", self._on_track)
         room.on("participant_disconnected", self._on_left)
         local.register_rpc_method("lk.playback_started", self._on_playback_started)
@@ -90,10 +91,13 @@ class RemoteSession:
             for publication in worker.track_publications.values():
                 if publication.track is not None:
                     self._on_track(publication.track, publication, worker)
+                else:
+                    self._on_published(publication, worker)
         self._tasks.spawn(self._relay_speech(), "speech to the worker")
 
     async def close(self) -> None:
         self._closed = True
+        self.room.off("track_published", self._on_published)
         self.room.off("track_subscribed", self._on_track)
         self.room.off("participant_disconnected", self._on_left)
         with contextlib.suppress(Exception):
@@ -109,6 +113,11 @@ class RemoteSession:
             self.gone.set()  # frames() just stops yielding: hold frames until the ladder switches
 
     # -- frames up ------------------------------------------------------------------------
+
+    def _on_published(self, publication: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+        """The kiosk joins with auto_subscribe off: it subscribes to its worker's tracks only."""
+        if participant.identity == self.identity:
+            publication.set_subscribed(True)
 
     def _on_track(self, track: rtc.Track, publication: object, participant: rtc.RemoteParticipant) -> None:
         if participant.identity != self.identity:

@@ -63,7 +63,8 @@ class AgentVoice:
         self.finished_event = asyncio.Event()
 
     async def connect(self, url: str, token: str) -> None:
-        await self.room.connect(url, token, rtc.RoomOptions(connect_timeout=10))
+        # an avatar's driver watches nothing (a real agent subscribes to the user's audio only)
+        await self.room.connect(url, token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=10))
         self.output = DataStreamAudioOutput(
             self.room, destination_identity=self.kiosk_identity,
             wait_remote_track=rtc.TrackKind.KIND_VIDEO,
@@ -147,13 +148,21 @@ class Viewer:
         self.audio_track: rtc.Track | None = None
 
     async def connect(self, url: str, token: str) -> None:
+        # only the watched participant's tracks: each subscription costs the server an encode
+        self.room.on("track_published", self._on_published)
         self.room.on("track_subscribed", self._on_track)
-        await self.room.connect(url, token, rtc.RoomOptions(connect_timeout=10))
-        # tracks that were subscribed before the handler saw them
+        await self.room.connect(url, token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=10))
+        # tracks that were published before the handlers saw them
         for participant in self.room.remote_participants.values():
             for publication in participant.track_publications.values():
                 if publication.track is not None:
                     self._on_track(publication.track, publication, participant)
+                else:
+                    self._on_published(publication, participant)
+
+    def _on_published(self, publication: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+        if participant.identity == self.identity:
+            publication.set_subscribed(True)
 
     def _on_track(self, track: rtc.Track, publication: object, participant: rtc.RemoteParticipant) -> None:
         if participant.identity != self.identity:

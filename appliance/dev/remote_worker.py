@@ -73,12 +73,19 @@ class TaggedGenerator(ReferenceGenerator):
         await super().push_audio(frame)
 
     async def _frames(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
-        async for item in super()._frames():
-            if isinstance(item, rtc.VideoFrame):
-                image = np.frombuffer(item.data, np.uint8).reshape(item.height, item.width, 3).copy()
-                image[:BAND_ROWS] = self._colour
-                item = rtc.VideoFrame(item.width, item.height, rtc.VideoBufferType.RGB24, image.tobytes())
-            yield item
+        """Pictures always, voice only while speaking: as livekit-plugins-bithuman's generator
+        (the SDK's idle frames carry no audio chunk). AvatarRunner counts every audio frame it
+        forwards as played, so idle silence would count as playback."""
+        opts = self._options
+        async for frame in self._runtime.frames():
+            image = frame.image.copy()
+            image[:BAND_ROWS] = self._colour
+            yield rtc.VideoFrame(opts.video_width, opts.video_height, rtc.VideoBufferType.RGB24, image.tobytes())
+            if frame.speaking:
+                yield rtc.AudioFrame(frame.audio.tobytes(), AUDIO_SAMPLE_RATE, 1, len(frame.audio))
+            if frame.end_of_speech and self._segment_open:
+                self._segment_open = False
+                yield AudioSegmentEnd()
 
 
 def _sender(room: rtc.Room, claims: dict[str, object]) -> str | None:

@@ -71,6 +71,9 @@ class AgentLink:
         self._receiver: DataStreamAudioReceiver | None = None
         self._playback = _Playback()
         self.agent_identity: str | None = None  # the agent whose speech we receive
+        # (agent, position) of a reply whose receiver failed mid-way: the next receiver for
+        # that agent reports it cut, or the agent's turn would never end
+        self._owed_finish: tuple[str, float] | None = None
 
     @property
     def speaking(self) -> bool:
@@ -96,6 +99,10 @@ class AgentLink:
         receiver.on("clear_buffer", self._on_clear_buffer)
         await self._serve_on_behalf_of(agent.identity)
         log.info("agent %s present: speech receiver ready", agent.identity, extra={"agent": agent.identity})
+        owed, self._owed_finish = self._owed_finish, None
+        if owed is not None and owed[0] == agent.identity:
+            log.info("telling agent %s its reply was cut after %.2f s (the last receiver failed)", *owed)
+            receiver.notify_playback_finished(owed[1], interrupted=True)
         done = asyncio.Event()
 
         def on_left(participant: rtc.RemoteParticipant) -> None:
@@ -116,6 +123,8 @@ class AgentLink:
             if consume.done() and not consume.cancelled() and consume.exception():
                 log.error("speech receiver failed: %r", consume.exception(),
                           exc_info=consume.exception())
+                if self._playback.active:
+                    self._owed_finish = (agent.identity, self._playback.position_s)
         finally:
             room.off("participant_disconnected", on_left)
             room.off("participant_connected", on_joined)

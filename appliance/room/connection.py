@@ -173,7 +173,9 @@ class KioskRoom:
         room.on("disconnected", self._on_disconnected)
         room.on("reconnecting", lambda: self._set_state(RoomState.RECONNECTING, "connection lost, resuming"))
         room.on("reconnected", lambda: self._set_state(RoomState.LIVE, f"room {self.options.room} (resumed)"))
-        options = rtc.RoomOptions(auto_subscribe=True, connect_timeout=self.options.connect_timeout_s)
+        # the kiosk watches nobody: a remote worker's tracks are subscribed by its session; every
+        # other track (the visitor's own microphone, other participants) would only cost downlink
+        options = rtc.RoomOptions(auto_subscribe=False, connect_timeout=self.options.connect_timeout_s)
         await room.connect(self.options.url, token, options)
         publisher = TrackPublisher(self._video, PublishOptions(self.options.simulcast,
                                                                self.options.max_bitrate_kbps))
