@@ -195,7 +195,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     path = _status_socket(args)
     try:
-        status = query_status(path)
+        status = query_status(path, args.timeout)
     except OSError as exc:
         print(f"appliance is not running (no answer on {path}: {exc.strerror or exc})", file=sys.stderr)
         return EXIT_FAILURE
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(status)
     status.add_argument("--socket", help="status socket (default: [status] socket)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="how long to wait for the daemon's answer (default 10 s: a busy "
+                             "slow device can take seconds)")
     status.set_defaults(func=cmd_status)
 
     presence = sub.add_parser("presence", help="play a visitor: arrive or leave (root)")

@@ -158,9 +158,10 @@ def _boot(image: Path, arch: str, files: dict[str, str], name: str, tmp: Path,
 def _assert_running(result: qemu_boot.BootResult) -> None:
     assert result.find(r"^READY "), "appliance.service did not reach READY"
     assert result.find(r"renderer: running"), "the renderer is not running"
-    # frames flow (how many a second depends on the emulation: 4.8-7 on this 2-core host)
+    # frames flow; how many a second depends on the emulation: 4.8-7 on a quiet 2-core host,
+    # 0.6 measured on a slow one (frame interval p50 1.6-1.7 s, READY 215-240 s after start)
     fps = result.find(r"^\s*fps:\s+([0-9.]+)")
-    assert fps and float(re.search(r"fps:\s+([0-9.]+)", fps).group(1)) > 1.0, fps  # type: ignore[union-attr]
+    assert fps and float(re.search(r"fps:\s+([0-9.]+)", fps).group(1)) > 0.0, fps  # type: ignore[union-attr]
     # per machine: a LiveKit identity and hostname derived from this machine's ID
     assert result.find(r"LiveKit identity is kiosk-[0-9a-f]{8}$")
     # the first boot grew the root filesystem into the space added to the disk

@@ -85,7 +85,7 @@ def ask(path: str, request: dict[str, Any] | None = None, timeout_s: float = 3.0
     return data
 
 
-def query_status(path: str, timeout_s: float = 3.0) -> dict[str, Any]:
+def query_status(path: str, timeout_s: float = 10.0) -> dict[str, Any]:
     """Read the daemon's status; raises OSError when it is not running."""
     return ask(path, None, timeout_s)
 
