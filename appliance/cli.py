@@ -188,6 +188,17 @@ def _status_socket(args: argparse.Namespace) -> str:
         return "/run/appliance/status.sock"
 
 
+def _seconds(text: str) -> float:
+    """A --timeout in seconds, above 0 and at most an hour (argparse prints the line, exits 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected seconds from 0 to 3600, e.g. --timeout 10")
+    return value
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -362,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(status)
     status.add_argument("--socket", help="status socket (default: [status] socket)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--timeout", type=float, default=10.0, metavar="S",
+    status.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                         help="how long to wait for the daemon's answer (default 10 s: a busy "
                              "slow device can take seconds)")
     status.set_defaults(func=cmd_status)

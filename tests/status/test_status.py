@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from appliance.status.server import HealthServer, StatusServer, format_status, prometheus_text
 
@@ -82,3 +83,11 @@ def test_prometheus_text_is_well_formed() -> None:
             name, value = line.rsplit(" ", 1)
             float(value)
             assert name.split("{")[0].startswith("appliance_")
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "abc", "inf"])
+def test_a_bad_status_timeout_is_one_line_naming_the_option(value: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "appliance", "status", "--timeout", value],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert f"argument --timeout: got '{value}', expected seconds from 0 to 3600, e.g. --timeout 10" in done.stderr
