@@ -84,7 +84,19 @@ _SPARE_PING_S = 0.5  # how often an idle spare is asked for a sign of life
 SPARE_ALIVE_S = 1.5  # a spare that answered within this long may be promoted
 SPARE_DEAD_S = 3.0  # an idle spare silent for this long is replaced
 SPARE_HELLO_TIMEOUT_S = 60.0  # a new spare must finish its imports (slow under emulation)
+# A spare still importing after that is given twice as long next time, up to this: on an
+# overloaded slow device (QEMU TCG, load 8 on 2 CPUs) killing it and starting the imports over
+# every 60 s was itself the load that kept the live renderer at 0 fps
+SPARE_HELLO_MAX_S = 960.0
 HANDSHAKE_TIMEOUT_S = 2.0  # Hello seen, Init sent: the child must answer Opening by then
+# A device that renders slower than stall_timeout_s allows (an emulated CPU: 0.6 fps, frame
+# intervals of 1.6-2.5 s, measured under QEMU TCG) is slow, not stalled: restarting its child
+# cannot make it faster and only starts a long load over, which then starved systemd's
+# watchdog. There a stall is this many of its usual (median) frame intervals...
+SLOW_STALL_INTERVALS = 5
+# ...but never longer than this: under the supervisor's 45 s watchdog grace, so the renderer
+# still restarts its own child before systemd restarts everything
+SLOW_STALL_MAX_S = 30.0
 # Frames received but not yet consumed, at most: a consumer that falls behind (CPU load)
 # loses the oldest frames rather than building latency (each frame holds 40 ms of audio).
 MAX_BACKLOG = 3
@@ -171,6 +183,9 @@ class Renderer:
         self._frame_event = asyncio.Event()
         self._frame_times: collections.deque[float] = collections.deque()
         self._first_frame_at: float | None = None
+        self._frame_intervals: collections.deque[float] = collections.deque(maxlen=9)  # the last ones, for stall_limit_s
+        self._slow_said = False  # the slow-device stall limit is logged once
+        self._hello_timeout_s = SPARE_HELLO_TIMEOUT_S  # grows on a device that imports slowly
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._closed = False
@@ -203,6 +218,23 @@ class Renderer:
         if span < _FPS_WINDOW_S:
             return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
         return len(times) / _FPS_WINDOW_S
+
+    def usual_frame_interval_s(self) -> float | None:
+        """The median of the last intervals between two frames of one child (this device's speed,
+        kept across restarts; a restart's gap is not one), None before the first."""
+        if not self._frame_intervals:
+            return None
+        intervals = sorted(self._frame_intervals)
+        return intervals[len(intervals) // 2]
+
+    def stall_limit_s(self) -> float:
+        """No frame for this long is a stall: ``stall_timeout_s``, or on a device whose frames
+        usually come further apart than that allows, SLOW_STALL_INTERVALS of its intervals."""
+        usual = self.usual_frame_interval_s()
+        if usual is None:
+            # the first child's second frame: how slow this device is is not known yet
+            return max(self.options.stall_timeout_s, SLOW_STALL_MAX_S)
+        return max(self.options.stall_timeout_s, min(SLOW_STALL_MAX_S, SLOW_STALL_INTERVALS * usual))
 
     async def start(self) -> None:
         """Spawn the child, open the model, wait for the first frame.
@@ -289,6 +321,8 @@ class Renderer:
 
     def _on_frame(self, child: ChildProcess, slot: int, seq: int) -> None:
         now = child.last_frame
+        if child.frames > 1 and self.last_frame_monotonic is not None:
+            self._frame_intervals.append(now - self.last_frame_monotonic)
         self.last_frame_monotonic = now
         self._frame_times.append(now)
         while self._frame_times[0] < now - _FPS_WINDOW_S:
@@ -347,13 +381,12 @@ class Renderer:
             self._retire(spare, dump=spare.alive)
         return await self._spawn()
 
-    @staticmethod
-    def _spare_problem(spare: ChildProcess, now: float, within_s: float) -> str | None:
+    def _spare_problem(self, spare: ChildProcess, now: float, within_s: float) -> str | None:
         """Why ``spare`` cannot be trusted to take over, or None if it is fit."""
         if not spare.alive or spare.eof:
             return exit_reason(spare.proc.returncode if not spare.alive else None)
         if spare.hello_at is None:  # still importing: as good as a fresh child, and ahead of one
-            if now - spare.spawned_at > SPARE_HELLO_TIMEOUT_S:
+            if now - spare.spawned_at > self._hello_timeout_s:
                 return f"no Hello {now - spare.spawned_at:.0f} s after it was started"
             return None
         silent = spare.silent_for(now)
@@ -370,6 +403,10 @@ class Renderer:
         if problem is not None:
             log.warning("renderer %s: spare child %d is unusable: %s; replacing it",
                         self.name, spare.pid, problem)
+            if spare.alive and spare.hello_at is None:  # slow, maybe not hung: do not thrash
+                self._hello_timeout_s = min(SPARE_HELLO_MAX_S, 2 * self._hello_timeout_s)
+                log.warning("renderer %s: this device starts a renderer child slowly: the next spare "
+                            "gets %.0f s for its imports", self.name, self._hello_timeout_s)
             self._retire(spare, dump=spare.alive)
             self._ensure_spare()
         elif spare.hello_at is not None and now - spare.last_ping >= _SPARE_PING_S:
@@ -488,7 +525,7 @@ class Renderer:
             if child.opening_at is None:
                 # a live child answers Init at once (a fresh one once its imports are done)
                 since = max(child.hello_at or child.spawned_at, init_sent_at)
-                limit = HANDSHAKE_TIMEOUT_S if child.hello_at is not None else SPARE_HELLO_TIMEOUT_S
+                limit = HANDSHAKE_TIMEOUT_S if child.hello_at is not None else self._hello_timeout_s
                 if now - since > limit:
                     why = (f"child {child.pid} did not answer Init within {limit:.0f} s"
                            " (stopped or hung); starting a fresh child")
@@ -524,7 +561,15 @@ class Renderer:
             if child.failure is not None or child.eof:
                 return await self._ended(child)
             silent = now - child.last_frame
-            if silent > self.options.stall_timeout_s:
+            limit = self.stall_limit_s()
+            usual = self.usual_frame_interval_s()
+            if usual is not None and limit > self.options.stall_timeout_s and not self._slow_said:
+                self._slow_said = True
+                log.warning("renderer %s: frames come %.1f s apart on this device: a stall is %.1f s "
+                            "without a frame here, not [avatar] stall_timeout_s = %.1f (the device is "
+                            "too slow or overloaded for a smooth avatar)", self.name,
+                            usual, limit, self.options.stall_timeout_s)
+            if silent > limit:
                 pong = now - child.last_pong if child.last_pong else silent
                 loop = (
                     "its event loop answers pings"

@@ -43,6 +43,9 @@ log = logging.getLogger("appliance.screen")
 POLL_S = 1.0  # sysfs connector poll
 STALL_S = 10.0  # the child reports every second once ready; silent this long = hung
 STARTUP_S = 90.0  # imports and SDL/GL start-up: seconds on a Pi, a minute and more under emulation
+# A child still starting when its time is up gets twice as long next time, up to this: on an
+# overloaded emulated CPU a restart every 90 s only started the slow part over, adding load
+STARTUP_MAX_S = 960.0
 HEALTHY_S = 10.0  # showing this long resets the backoff
 NO_CONNECTOR = "No currently active connector found"  # SDL's KMSDRM words for "no monitor"
 
@@ -85,6 +88,7 @@ class Screen:
         self.driver = driver or os.environ.get("SDL_VIDEODRIVER") or "kmsdrm"
         self.render_driver = render_driver if render_driver is not None else (
             os.environ.get("SDL_RENDER_DRIVER") or ("opengles2" if self.driver == "kmsdrm" else ""))
+        self._startup_s = STARTUP_S  # grows on a device that starts the child slowly
         self._sysfs, self._dev_dri = sysfs, dev_dri
         self.buffer = FrameBuffer.create()
         self.backoff = backoff or Backoff(first_s=1.0, max_s=30.0, jitter=0.1, immediate=True)
@@ -193,9 +197,12 @@ class Screen:
                     log.info("display connectors changed: %s → %s: restarting the screen",
                              _fmt(seen[1]), _fmt(now_seen[1]))
                     return None
-                limit = STALL_S if self.ready else STARTUP_S
+                limit = STALL_S if self.ready else self._startup_s
                 if now - self._last_stats > limit:
                     error = f"the screen child stopped answering for {limit:.0f} s"
+                    if not self.ready:
+                        self._startup_s = min(STARTUP_MAX_S, 2 * self._startup_s)
+                        error += f" while starting (the next start gets {self._startup_s:.0f} s)"
                     break
                 if self.state is ScreenState.SHOWING and now - started > HEALTHY_S:
                     self.backoff.reset()

@@ -66,6 +66,20 @@ class _StopsYielding(ReferenceRuntime):
                 await asyncio.Event().wait()
 
 
+class _SlowThenStops(ReferenceRuntime):
+    """A device too slow for stall_timeout_s (an emulated CPU: a frame every 1.6-2.5 s), whose
+    runtime then stops yielding for real."""
+
+    async def frames(self) -> AsyncIterator[Frame]:  # type: ignore[override]
+        n = 0
+        async for frame in super().frames():
+            yield frame
+            n += 1
+            if n == 8:
+                await asyncio.Event().wait()
+            await asyncio.sleep(0.6)
+
+
 class _HangsInNativeCode(ReferenceRuntime):
     async def frames(self) -> AsyncIterator[Frame]:  # type: ignore[override]
         n = 0
@@ -83,6 +97,10 @@ class _AbortsOnOpen(ReferenceRuntime):
 
 def stops_yielding(width: int, height: int, api_secret: str | None = None) -> Runtime:
     return _StopsYielding(width, height)
+
+
+def slow_then_stops(width: int, height: int, api_secret: str | None = None) -> Runtime:
+    return _SlowThenStops(width, height)
 
 
 def hangs_in_native_code(width: int, height: int, api_secret: str | None = None) -> Runtime:
@@ -369,6 +387,73 @@ async def test_runtime_that_stops_yielding_is_replaced(misbehaving: Callable[[st
         assert "answers pings" in r.last_restart_reason, r.last_restart_reason
     finally:
         sink.stop()
+        await r.close()
+    assert children() == []
+
+
+async def test_a_slow_device_is_not_restarted_for_being_slow(
+    misbehaving: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # frames 0.6 s apart with stall_timeout_s = 0.5: slow, not stalled; when they stop for
+    # real, a stall is five usual intervals of silence (3 s), not forever
+    caplog.set_level(logging.INFO, logger="appliance.renderer")
+    r = Renderer(spec(misbehaving("slow_then_stops")), RendererOptions(stall_timeout_s=0.5, spare=False),
+                 name="t5s")
+    await r.start()
+    sink = Sink(r)
+    try:
+        await until(lambda: len(sink.frames) >= 8, what="eight slow frames")
+        assert r.restarts == 0, r.last_restart_reason
+        last = time.monotonic()
+        await until(lambda: r.restarts >= 1, timeout=20, what="replaced once it stopped")
+        silent = time.monotonic() - last
+        usual = 0.6
+        print(f"\nslow device: stall limit {r.stall_limit_s():.1f} s, replaced {silent:.1f} s after its "
+              f"last frame ({r.last_restart_reason})")
+        assert 5 * usual * 0.8 < silent < 5 * usual + 3.0, silent
+        assert any("frames come 0.6 s apart on this device" in m for m in caplog.messages), caplog.messages
+    finally:
+        sink.stop()
+        await r.close()
+    assert children() == []
+
+
+async def test_a_spare_slow_to_import_gets_longer_each_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a spare still importing when its time is up is replaced, and the next one gets twice as
+    # long: killing and restarting imports at a fixed pace only adds load to a slow device
+    import appliance.renderer.renderer as renderer_module
+
+    monkeypatch.setattr(renderer_module, "SPARE_HELLO_TIMEOUT_S", 1.0)
+    caplog.set_level(logging.INFO, logger="appliance.renderer")
+    r = Renderer(spec(), RendererOptions(shutdown_grace_s=0.3), name="t5i")
+    stopped: list[tuple[int, float]] = []
+
+    async def stop_each_new_spare() -> None:  # stopped mid-import: alive, no Hello
+        while True:
+            spare = r._spare
+            if spare is not None and spare.pid not in {pid for pid, _ in stopped} and spare.hello_at is None:
+                os.kill(spare.pid, signal.SIGSTOP)
+                stopped.append((spare.pid, spare.spawned_at))
+            await asyncio.sleep(0.005)
+
+    stopper = asyncio.create_task(stop_each_new_spare())
+    try:
+        await r.start()
+        await until(lambda: len(stopped) >= 3, timeout=30, what="three spares stopped mid-import")
+        replaced = [m for m in caplog.messages if "is unusable: no Hello" in m]
+        waits = [b - a for (_, a), (_, b) in zip(stopped, stopped[1:], strict=False)]
+        print(f"\nspares slow to import replaced after {[round(w, 1) for w in waits]} s; next gets "
+              f"{r._hello_timeout_s:.0f} s")
+        assert len(replaced) >= 2, caplog.messages
+        assert waits[0] >= 1.0 and waits[1] >= 2.0 and waits[1] > 1.5 * waits[0], waits
+        assert any("the next spare gets 4 s" in m for m in caplog.messages), caplog.messages
+    finally:
+        stopper.cancel()
+        for pid, _ in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         await r.close()
     assert children() == []
 

@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -36,6 +38,7 @@ from appliance.config.schema import DisplaySection  # noqa: E402
 from appliance.media import FrameFanout  # noqa: E402
 from appliance.retry import Backoff  # noqa: E402
 from appliance.runtimes import Frame  # noqa: E402
+from appliance.screen import screen as screen_module  # noqa: E402
 from appliance.screen.child import letterbox  # noqa: E402
 from appliance.screen.screen import Screen, ScreenState  # noqa: E402
 from appliance.status.problems import Problems  # noqa: E402
@@ -297,6 +300,33 @@ async def test_connectors_coming_and_going_restart_the_child(
     await until("replaced", lambda: screen.state is ScreenState.SHOWING and screen.pid not in (None, victim))
     metrics = prometheus_text(_status_with(screen))
     assert "appliance_screen_up 1" in metrics and "appliance_screen_restarts_total" in metrics
+
+
+async def test_a_child_slow_to_start_gets_longer_each_time(
+        tmp_path: Path, run_screen: Callable[..., Screen], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # stopped mid-start (an overloaded emulated CPU): replaced, and the next start gets twice as
+    # long, rather than a restart every STARTUP_S that only starts the slow part over
+    pytest.importorskip("sdl2")
+    caplog.set_level(logging.INFO, logger="appliance.screen")
+    monkeypatch.setattr(screen_module, "STARTUP_S", 2.0)
+    sysfs = fake_sysfs(tmp_path / "drm", **{"HDMI-A-1": "connected"})
+    screen = run_screen(driver="offscreen", sysfs=sysfs)
+    stopped: list[tuple[int, float]] = []
+    while len(stopped) < 3:
+        await until("a new child", lambda: screen.pid not in (None, *(pid for pid, _ in stopped)), timeout_s=30)
+        assert screen.pid is not None and not screen.ready
+        os.kill(screen.pid, signal.SIGSTOP)
+        stopped.append((screen.pid, time.monotonic()))
+    waits = [b - a for (_, a), (_, b) in zip(stopped, stopped[1:], strict=False)]
+    print(f"\nscreen children stopped mid-start replaced after {[round(w, 1) for w in waits]} s")
+    said = [m for m in caplog.messages if "while starting" in m and m.startswith("screen:")]
+    assert "stopped answering for 2 s while starting (the next start gets 4 s)" in said[0], said
+    assert "stopped answering for 4 s while starting (the next start gets 8 s)" in said[1], said
+    assert waits[1] - waits[0] >= 1.5, waits  # 2 s more to start (the stop and backoff aside)
+    for pid, _ in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 async def test_no_drm_device_is_off_and_a_bad_display_is_one_problem(
