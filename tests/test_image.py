@@ -361,6 +361,10 @@ def joined(room: GuestRoom) -> Callable[[qemu_boot.Qmp, qemu_boot.BootResult], l
 # joins the room (both participants seen by the test's server), then its status socket is gone
 # when the boot report asks, i.e. the daemon exited or was restarted (the watchdog, most
 # likely); this boot has SSH off, so the journal was not read. Issue 11 stays open for it.
+# Re-measured the same boot with SSH on, twice (2026-12-03): NRestarts=0 for 200 s after the
+# report, fps 0.0 then 1.0 with a guest load average of 8-10; the load was the renderer's spare
+# and the screen child killed mid-import every 60/90 s and started again (now backed off: 53adfe9).
+# The socket-gone symptom was not seen again; the mark stays until CI shows it passing.
 @pytest.mark.xfail(reason="the daemon goes away after joining the room on a slow TCG host (issue 11)",
                    strict=False)
 @pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S + 300)
