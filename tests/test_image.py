@@ -161,7 +161,12 @@ def _assert_running(result: qemu_boot.BootResult) -> None:
     # frames flow; how many a second depends on the emulation: 4.8-7 on a quiet 2-core host,
     # 0.6 measured on a slow one (frame interval p50 1.6-1.7 s, READY 215-240 s after start)
     fps = result.find(r"^\s*fps:\s+([0-9.]+)")
-    assert fps and float(re.search(r"fps:\s+([0-9.]+)", fps).group(1)) > 0.0, fps  # type: ignore[union-attr]
+    assert fps, result.report
+    # on an overloaded guest the 10 s window right after READY can hold no frame (measured: 0.0
+    # fps at READY + 30 s, frame interval p50 1.7 s); a hold loop recorded in this boot means
+    # 50 real frames were rendered since it started
+    recorded = result.find(r"^\s*hold:.*\(loop: recorded\)")
+    assert float(re.search(r"fps:\s+([0-9.]+)", fps).group(1)) > 0.0 or recorded, (fps, recorded)  # type: ignore[union-attr]
     # per machine: a LiveKit identity and hostname derived from this machine's ID
     assert result.find(r"LiveKit identity is kiosk-[0-9a-f]{8}$")
     # the first boot grew the root filesystem into the space added to the disk
