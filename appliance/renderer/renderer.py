@@ -562,13 +562,12 @@ class Renderer:
                 return await self._ended(child)
             silent = now - child.last_frame
             limit = self.stall_limit_s()
-            usual = self.usual_frame_interval_s()
-            if usual is not None and limit > self.options.stall_timeout_s and not self._slow_said:
+            if self._frame_intervals and limit > self.options.stall_timeout_s and not self._slow_said:
                 self._slow_said = True
                 log.warning("renderer %s: frames come %.1f s apart on this device: a stall is %.1f s "
                             "without a frame here, not [avatar] stall_timeout_s = %.1f (the device is "
                             "too slow or overloaded for a smooth avatar)", self.name,
-                            usual, limit, self.options.stall_timeout_s)
+                            self.usual_frame_interval_s(), limit, self.options.stall_timeout_s)
             if silent > limit:
                 pong = now - child.last_pong if child.last_pong else silent
                 loop = (

@@ -57,27 +57,26 @@ W, H = 160, 120
 class _StopsYielding(ReferenceRuntime):
     """Like bitHuman when metering refuses: run() stops yielding, nothing raises."""
 
+    stop_after = 15  # frames
+    interval_s = 0.0  # extra time between two frames
+
     async def frames(self) -> AsyncIterator[Frame]:  # type: ignore[override]
         n = 0
         async for frame in super().frames():
             yield frame
             n += 1
-            if n == 15:
+            if n == self.stop_after:
                 await asyncio.Event().wait()
+            if self.interval_s:
+                await asyncio.sleep(self.interval_s)
 
 
-class _SlowThenStops(ReferenceRuntime):
+class _SlowThenStops(_StopsYielding):
     """A device too slow for stall_timeout_s (an emulated CPU: a frame every 1.6-2.5 s), whose
     runtime then stops yielding for real."""
 
-    async def frames(self) -> AsyncIterator[Frame]:  # type: ignore[override]
-        n = 0
-        async for frame in super().frames():
-            yield frame
-            n += 1
-            if n == 8:
-                await asyncio.Event().wait()
-            await asyncio.sleep(0.6)
+    stop_after = 8
+    interval_s = 0.6
 
 
 class _HangsInNativeCode(ReferenceRuntime):
