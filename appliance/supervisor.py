@@ -20,6 +20,7 @@ import base64
 import binascii
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -61,6 +62,30 @@ log = logging.getLogger("appliance.supervisor")
 # Feed systemd's watchdog only while a frame arrived within this window: the renderer's own
 # restarts (stall_timeout_s + backoff) get this long to recover before systemd restarts us.
 WATCHDOG_GRACE_S = 45.0
+
+
+# A shutdown slower than this logs the tasks it is waiting for (systemd kills at TimeoutStopSec)
+STOP_REPORT_S = 5.0
+
+
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
+
+
+def _waiting_in(root: asyncio.Future[Any]) -> list[str]:
+    """Every task still running, with the innermost line outside asyncio it awaits at."""
+    found = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        coro: Any = task.get_coro()
+        where = "?"
+        while coro is not None:  # down the await chain to where it is suspended
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None and not frame.f_code.co_filename.startswith(_ASYNCIO_DIR):
+                where = f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        found.append(f"{'shutdown' if task is root else task.get_name()} at {where}")
+    return sorted(found)
 
 
 def bundled_model() -> str:
@@ -184,6 +209,16 @@ class Supervisor:
         self._tasks.spawn(self.reporter.run(), "systemd report")
         await self._stop.wait()
         self.notifier.stopping()
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(self._shut_down(servers))
+        # a shutdown that hangs (seen once in CI, not reproduced) must say where it waits
+        while not (await asyncio.wait({stopping}, timeout=STOP_REPORT_S))[0]:
+            log.warning("still stopping after %.0f s, waiting in: %s", time.monotonic() - started,
+                        "; ".join(_waiting_in(stopping)))
+        await stopping
+        log.info("stopped in %.1f s", time.monotonic() - started)
+
+    async def _shut_down(self, servers: Sequence[StatusServer | HealthServer | ControlServer]) -> None:
         for server in servers:
             await server.close()
         await self.close()

@@ -68,3 +68,32 @@ async def test_stop_tasks_cancels_and_waits_but_keeps_the_callers_cancellation()
     await asyncio.wait([b])
     assert b.cancelled() and ended == ["a", "b"]
     await owner.close()
+
+
+async def test_a_slow_shutdown_names_where_each_task_waits() -> None:
+    # what the daemon logs when stopping takes longer than STOP_REPORT_S
+    from appliance.supervisor import _waiting_in
+
+    gate = asyncio.Event()
+
+    async def inner_wait() -> None:
+        await gate.wait()
+
+    async def hangs() -> None:
+        await inner_wait()
+
+    async def closes() -> None:
+        await asyncio.sleep(30)
+
+    hung = asyncio.create_task(hangs(), name="room:agents")
+    root = asyncio.ensure_future(closes())
+    await asyncio.sleep(0)
+    try:
+        lines = _waiting_in(root)
+        print("\n" + "\n".join(lines))
+        assert any(line.startswith("room:agents at ") and "inner_wait" in line for line in lines), lines
+        assert any(line.startswith("shutdown at ") and "closes" in line for line in lines), lines
+    finally:
+        gate.set()
+        root.cancel()
+        await asyncio.gather(hung, root, return_exceptions=True)

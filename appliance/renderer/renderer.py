@@ -97,9 +97,26 @@ SLOW_STALL_INTERVALS = 5
 # ...but never longer than this: under the supervisor's 45 s watchdog grace, so the renderer
 # still restarts its own child before systemd restarts everything
 SLOW_STALL_MAX_S = 30.0
+# Nor is a child that got no CPU: on an overloaded device (a TCG guest at load 8-10 on 2
+# CPUs, while a spare and the screen child import) the live child went 7.9 s without a frame
+# or a pong and was restarted, which only added a reimport to the load. Silence during which
+# the kernel saw tasks waiting for a CPU (PSI, /proc/pressure/cpu) is not counted, up to
+# SLOW_STALL_MAX_S of silence in all. System-wide PSI, not the child's own wait
+# (/proc/PID/schedstat): that needs CONFIG_SCHED_INFO, which some kernels (our CI host's) lack.
+PSI_CPU = "/proc/pressure/cpu"
 # Frames received but not yet consumed, at most: a consumer that falls behind (CPU load)
 # loses the oldest frames rather than building latency (each frame holds 40 ms of audio).
 MAX_BACKLOG = 3
+
+
+def cpu_wait_s(path: str = PSI_CPU) -> float | None:
+    """Seconds since boot in which some runnable task waited for a CPU; None without PSI."""
+    try:
+        with open(path) as f:
+            some = f.readline()  # "some avg10=0.00 avg60=0.00 avg300=0.00 total=1762067654" (µs)
+        return int(some.rsplit("total=", 1)[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -185,6 +202,7 @@ class Renderer:
         self._first_frame_at: float | None = None
         self._frame_intervals: collections.deque[float] = collections.deque(maxlen=9)  # the last ones, for stall_limit_s
         self._slow_said = False  # the slow-device stall limit is logged once
+        self._starved_said = False  # likewise a silence excused by CPU starvation
         self._hello_timeout_s = SPARE_HELLO_TIMEOUT_S  # grows on a device that imports slowly
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
@@ -553,6 +571,7 @@ class Renderer:
     async def _watch(self, child: ChildProcess) -> _Outcome:
         tick = max(0.05, min(0.25, self.options.stall_timeout_s / 4))
         last_ping = 0.0
+        frame_seen, wait_at_frame = child.last_frame, cpu_wait_s()
         while True:
             await child.wait(tick)
             if self._closed:
@@ -560,8 +579,12 @@ class Renderer:
             now = time.monotonic()
             if child.failure is not None or child.eof:
                 return await self._ended(child)
+            if child.last_frame != frame_seen:  # within a tick of the frame: close enough
+                frame_seen, wait_at_frame = child.last_frame, cpu_wait_s()
             silent = now - child.last_frame
             limit = self.stall_limit_s()
+            if silent > limit and self._starved(child, silent, limit, wait_at_frame):
+                continue
             if self._frame_intervals and limit > self.options.stall_timeout_s and not self._slow_said:
                 self._slow_said = True
                 log.warning("renderer %s: frames come %.1f s apart on this device: a stall is %.1f s "
@@ -585,6 +608,23 @@ class Renderer:
                 child.send(Ping(int(now * 1000)))
                 last_ping = now
             self._check_spare(now)
+
+    def _starved(self, child: ChildProcess, silent: float, limit: float,
+                 wait_at_frame: float | None) -> bool:
+        """Was the silence the CPUs being busy rather than the child? Then it is no stall yet."""
+        wait_now = cpu_wait_s()
+        if wait_at_frame is None or wait_now is None or silent > SLOW_STALL_MAX_S:
+            return False
+        waited = min(silent, wait_now - wait_at_frame)
+        if silent - waited > limit:
+            return False
+        if not self._starved_said:
+            self._starved_said = True
+            log.warning("renderer %s: child %d has had no frame for %.1f s, but for %.1f s of it "
+                        "tasks were waiting for a CPU (the device is overloaded): not a stall "
+                        "until %.1f s of silence with a CPU free, or %.0f s in all", self.name,
+                        child.pid, silent, waited, limit, SLOW_STALL_MAX_S)
+        return True
 
     async def _ended(self, child: ChildProcess) -> _Outcome:
         ran = child.last_frame - child.running_since if child.running_since is not None else 0.0

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from appliance.renderer import (
     State,
 )
 from appliance.renderer.protocol import FrameReady, PushAudio, encode, read_message
+from appliance.renderer.renderer import cpu_wait_s
 from appliance.renderer.ring import Ring, RingLayout, open_shm, sweep_stale_segments, unlink_shm
 from appliance.runtimes import (
     AUDIO_SAMPLE_RATE,
@@ -411,6 +413,71 @@ async def test_a_slow_device_is_not_restarted_for_being_slow(
               f"last frame ({r.last_restart_reason})")
         assert 5 * usual * 0.8 < silent < 5 * usual + 3.0, silent
         assert any("frames come 0.6 s apart on this device" in m for m in caplog.messages), caplog.messages
+    finally:
+        sink.stop()
+        await r.close()
+    assert children() == []
+
+
+def _starve(pid: int, seconds: float) -> subprocess.Popen[bytes]:
+    """Pin every thread of ``pid`` to CPU 0 at nice 19 beside a nice -20 busy loop for
+    ``seconds``: the child stays runnable and gets ~0.02 % of a CPU, as on an overloaded device."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {0})
+        os.setpriority(os.PRIO_PROCESS, int(tid), 19)
+    hog = ("import os, time\nos.sched_setaffinity(0, {0})\nos.nice(-20)\n"
+           f"end = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n")
+    return subprocess.Popen([sys.executable, "-c", hog])
+
+
+def _longest_gap(sink: Sink, after: float) -> float:
+    times = [t for t, _ in sink.frames if t > after]
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+@pytest.mark.skipif(cpu_wait_s() is None, reason="this kernel has no PSI (/proc/pressure/cpu)")
+async def test_a_child_starved_of_cpu_is_not_restarted(caplog: pytest.LogCaptureFixture) -> None:
+    # an overloaded device gives the live child no CPU for seconds: that is no stall, and a
+    # restart would only add a reimport to the load
+    caplog.set_level(logging.INFO, logger="appliance.renderer")
+    r = Renderer(spec(), RendererOptions(stall_timeout_s=0.5, spare=False), name="t5c")
+    await r.start()
+    sink = Sink(r)
+    try:
+        await until(lambda: len(sink.frames) >= 30, what="frames at full speed")
+        assert r._current is not None and r.stall_limit_s() == 0.5
+        started = time.monotonic()
+        hog = _starve(r._current.pid, 4.0)
+        await asyncio.to_thread(hog.wait)
+        await until(lambda: sink.count_after(time.monotonic() - 0.5) >= 5, what="frames again")
+        gap = _longest_gap(sink, started)
+        print(f"\nstarved child: {gap:.1f} s without a frame, stall limit {r.stall_limit_s():.1f} s, "
+              f"restarts {r.restarts}")
+        assert r.restarts == 0, r.last_restart_reason
+        assert gap > 2.0, f"the child was not starved ({gap:.1f} s gap): the test proves nothing"
+        assert any("tasks were waiting for a CPU" in m for m in caplog.messages), caplog.messages
+    finally:
+        sink.stop()
+        await r.close()
+    assert children() == []
+
+
+@pytest.mark.skipif(cpu_wait_s() is None, reason="this kernel has no PSI (/proc/pressure/cpu)")
+async def test_a_starved_child_is_restarted_after_the_longest_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.renderer.renderer as renderer_module
+
+    monkeypatch.setattr(renderer_module, "SLOW_STALL_MAX_S", 1.5)
+    r = Renderer(spec(), RendererOptions(stall_timeout_s=0.5, spare=False), name="t5d")
+    await r.start()
+    sink = Sink(r)
+    try:
+        await until(lambda: len(sink.frames) >= 30, what="frames at full speed")
+        assert r._current is not None
+        hog = _starve(r._current.pid, 4.0)
+        await until(lambda: r.restarts >= 1, timeout=10, what="a restart after 1.5 s of starvation")
+        print(f"\nstarved past the limit: {r.last_restart_reason}")
+        assert "stalled: no frames for" in (r.last_restart_reason or "")
+        await asyncio.to_thread(hog.wait)
     finally:
         sink.stop()
         await r.close()
