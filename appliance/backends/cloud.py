@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -27,9 +28,10 @@ from appliance.config import Secret
 from appliance.errors import OperatorError
 from appliance.retry import Backoff
 
-__all__ = ["ATTEMPT_TIMEOUT_S", "RETRY_FOR_S", "WORKER_IDENTITY", "CloudRung", "RungFailed"]
+__all__ = ["ATTEMPT_TIMEOUT_S", "RETRY_FOR_S", "WORKER_IDENTITY", "CloudRung", "RungFailed", "parse_retry_after", "with_retries"]
 
 log = logging.getLogger("appliance.backends.cloud")
+T = TypeVar("T")
 
 ATTEMPT_TIMEOUT_S = 15.0  # one request, connect to last byte
 RETRY_FOR_S = 20.0  # retryable failures this long, then the next rung
@@ -56,7 +58,7 @@ class RungFailed(OperatorError):
         self.retryable, self.retry_after_s = retryable, retry_after_s
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value else None
     except ValueError:  # an HTTP date: rare from an API; fall back to our own backoff
@@ -72,7 +74,23 @@ def _failure(status: int, answer: Any, retry_after: str | None) -> RungFailed:
         setting, fix = REFUSED[status]
         return RungFailed(what, setting=setting, fix=fix)
     return RungFailed(what, setting="[fallback] cloud_api_url", fix="bitHuman is busy or down; retried",
-                      retryable=status == 429 or status >= 500, retry_after_s=_retry_after(retry_after))
+                      retryable=status == 429 or status >= 500, retry_after_s=parse_retry_after(retry_after))
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], retry_for_s: float) -> T:
+    """``attempt()`` again after a retryable RungFailed (its Retry-After, else exponential
+    backoff with jitter) for up to ``retry_for_s``; other failures are raised at once."""
+    backoff = Backoff(first_s=1.0, max_s=8.0, jitter=0.2)
+    give_up = time.monotonic() + retry_for_s
+    while True:
+        try:
+            return await attempt()
+        except RungFailed as exc:
+            delay = exc.retry_after_s if exc.retry_after_s is not None else backoff.next_delay()
+            if not exc.retryable or time.monotonic() + delay > give_up:
+                raise
+            log.info("%s; retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
 
 
 class CloudRung:
@@ -96,24 +114,13 @@ class CloudRung:
                              fix="set it to the avatar's agent id from the bitHuman dashboard")
         body = {"mode": "cpu", "model": self.model, "agent_id": self.avatar_id,
                 "livekit_url": livekit_url, "livekit_token": worker_token, "room_name": room}
-        backoff = Backoff(first_s=1.0, max_s=8.0, jitter=0.2)
-        give_up = time.monotonic() + self.retry_for_s
-        while True:
-            try:
-                answer = await self._post("/v1/runtime-tokens/request", body)
-                session_id = str(answer.get("session_id") or "")
-                if not session_id:
-                    raise RungFailed(f"bitHuman cloud started no session: {answer}", setting="[fallback] cloud_api_url",
-                                     fix="point cloud_api_url at bitHuman's API (https://api.bithuman.ai)")
-                log.info("cloud session %s started (model %s)", session_id, answer.get("model"),
-                         extra={"backend": "cloud"})
-                return session_id
-            except RungFailed as exc:
-                delay = exc.retry_after_s if exc.retry_after_s is not None else backoff.next_delay()
-                if not exc.retryable or time.monotonic() + delay > give_up:
-                    raise
-                log.info("%s; retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+        answer = await with_retries(lambda: self._post("/v1/runtime-tokens/request", body), self.retry_for_s)
+        session_id = str(answer.get("session_id") or "")
+        if not session_id:
+            raise RungFailed(f"bitHuman cloud started no session: {answer}", setting="[fallback] cloud_api_url",
+                             fix="point cloud_api_url at bitHuman's API (https://api.bithuman.ai)")
+        log.info("cloud session %s started (model %s)", session_id, answer.get("model"), extra={"backend": "cloud"})
+        return session_id
 
     async def end(self, session_id: str) -> None:
         """End the session (billing stops at once); best effort, never raises."""

@@ -12,7 +12,8 @@ outage is not a reason to hand over: the room is not live then, and the cloud un
 too. While no backend delivers, the fan-out's hold frames keep every track and the screen
 alive. The ladder is also the room's speech sink: speech goes to whichever backend serves.
 
-Only the cloud rung exists in this version (``gpu`` in the ladder is skipped with a note).
+Rungs: ``gpu`` (the operator's bitHuman GPU container, ``gpu.py``) and ``cloud`` (bitHuman's
+cloud, ``cloud.py``); ``local`` in the list is the renderer itself.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from livekit.protocol import room as room_proto
 
 from appliance.auth import ROOM_ADMIN, WORKER_TTL_S, TokenError, tokens_for, worker_role
 from appliance.backends.cloud import CloudRung, RungFailed
+from appliance.backends.gpu import GpuRung
 from appliance.backends.local import LocalBackend, hold_key
 from appliance.backends.remote import RemoteSession
 from appliance.config import Config
@@ -41,6 +43,8 @@ from appliance.status.problems import ProblemOwner
 __all__ = ["FIRST_FRAME_TIMEOUT_S", "Ladder"]
 
 log = logging.getLogger("appliance.backends.ladder")
+
+Rung = GpuRung | CloudRung  # launch(url, room, token) → id, end(id), name, worker_identity
 
 CHECK_S = 0.25
 FIRST_FRAME_TIMEOUT_S = 30.0  # a rung's worker joined and published its first picture
@@ -60,7 +64,7 @@ class Ladder:
         self.reason = ""
         self.history: deque[dict[str, Any]] = deque(maxlen=20)
         self.session: RemoteSession | None = None
-        self._rung: CloudRung | None = None
+        self._rung: Rung | None = None
         self._session_id = ""
         self._local_healthy_since: float | None = None
         self._quiet_wait_since: float | None = None
@@ -69,10 +73,15 @@ class Ladder:
 
     def _configure(self, config: Config) -> None:
         self.settings, self._config = config.fallback, config
-        self.rungs: list[CloudRung] = [
-            CloudRung(config.fallback.cloud_api_url, config.fallback.cloud_avatar_id, config.fallback.cloud_model,
-                      config.secret("avatar.api_secret"))
-            for name in config.fallback.ladder if name == "cloud"]
+        fallback = config.fallback
+        self.rungs: list[Rung] = []
+        for name in fallback.ladder:  # the operator's order
+            if name == "gpu":
+                self.rungs.append(GpuRung(fallback.gpu_api_url, config.livekit.identity, fallback.gpu_avatar_image,
+                                          config.secret("fallback.gpu_api_secret")))
+            elif name == "cloud":
+                self.rungs.append(CloudRung(fallback.cloud_api_url, fallback.cloud_avatar_id, fallback.cloud_model,
+                                            config.secret("avatar.api_secret")))
 
     async def apply(self, config: Config) -> None:
         """New [fallback] settings (or credentials): a remote session ends, local serves."""

@@ -328,6 +328,11 @@ def _cross_checks(
     if "gpu" in fallback.ladder and not fallback.gpu_api_url:
         problems.append(Problem(*where("fallback.ladder"), "[fallback] gpu_api_url",
                                 "the ladder has gpu but no gpu_api_url", "set gpu_api_url or remove gpu"))
+    image = fallback.gpu_avatar_image
+    if "gpu" in fallback.ladder and image and not image.startswith(("https://", "http://")) \
+            and not os.access(image, os.R_OK):
+        problems.append(Problem(*where("fallback.gpu_avatar_image"), "[fallback] gpu_avatar_image",
+                                f"cannot read {image}", "point it at a readable JPEG or PNG, or an https:// URL"))
     if "cloud" in fallback.ladder and not fallback.cloud_avatar_id:
         problems.append(Problem(*where("fallback.ladder"), "[fallback] cloud_avatar_id",
                                 "the ladder has cloud but no cloud_avatar_id", "set cloud_avatar_id or remove cloud"))

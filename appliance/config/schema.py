@@ -143,6 +143,9 @@ class FallbackSection:
     gpu_api_secret_file: str = setting(
         "", "file holding the GPU endpoint's secret (mode 0600)", secret_file=True
     )
+    gpu_avatar_image: str = setting(
+        "", "the portrait the GPU rung animates (Expression): a JPEG/PNG file on the kiosk or an "
+        "https:// URL; empty = the container's default")
     cloud_api_url: str = setting("https://api.bithuman.ai", "bitHuman's cloud API (the cloud rung)")
     cloud_avatar_id: str = setting("", "bitHuman cloud avatar id (agent id) for the cloud rung")
     cloud_model: str = setting("essence-2", "the model the cloud rung asks for",
@@ -340,8 +343,6 @@ def effective_values(config: Config) -> dict[str, Any]:
 def notes(config: Config) -> list[str]:
     """Valid settings this version does not act on yet: said plainly rather than ignored."""
     out = []
-    if "gpu" in config.fallback.ladder:
-        out.append("[fallback] ladder: gpu is not available in this version — the ladder skips it")
     if "cloud" in config.fallback.ladder:
         out.append("[fallback] ladder: cloud is a preview in this version — it takes over, but taking "
                    "the avatar back to local is not reliable yet (a restart brings it back)")

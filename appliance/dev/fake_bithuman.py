@@ -34,7 +34,7 @@ from aiohttp import web
 
 log = logging.getLogger("appliance.dev.fake_bithuman")
 
-__all__ = ["HANG", "Fault", "FakeCloud", "CloudSession"]
+__all__ = ["HANG", "Fault", "FakeCloud", "CloudSession", "spawn_worker"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class CloudSession:
     body: dict[str, Any]
     worker: subprocess.Popen[bytes] | None
     status: str = "live"
+
+
+def spawn_worker(url: str, token: str, tag: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """A remote-worker process joining with exactly ``token`` (never on its command line)."""
+    return subprocess.Popen([sys.executable, "-m", "appliance.dev.remote_worker", "--url", url, "--tag", tag, *args],
+                            env={**os.environ, "LIVEKIT_TOKEN": token})
 
 
 def _error(status: int, code: str, message: str, retry_after: float | None = None) -> web.Response:
@@ -135,10 +141,7 @@ class FakeCloud:
     def _spawn(self, body: dict[str, Any]) -> subprocess.Popen[bytes] | None:
         if not self.spawn_workers:
             return None
-        return subprocess.Popen(
-            [sys.executable, "-m", "appliance.dev.remote_worker", "--url", body["livekit_url"],
-             "--tag", "cloud", *self.worker_args],
-            env={**os.environ, "LIVEKIT_TOKEN": body["livekit_token"]})
+        return spawn_worker(body["livekit_url"], body["livekit_token"], "cloud", self.worker_args)
 
     def _end_worker(self, session: CloudSession) -> None:
         session.status = "ended"
