@@ -167,6 +167,7 @@ class Ladder:
     async def _hand_over(self, room: KioskRoom, why: str) -> None:
         log.warning("the local runtime cannot serve (%s): handing the avatar over", why)
         self._set("handing over", self.active, why)
+        self._problems.clear()  # the last hand-over's; this one's stay while a lower rung serves
         room.abort_reply(why)  # a reply the local runtime was playing: cut where it was heard
         rtc_room = room.rtc_room
         for rung in self.rungs:
@@ -194,7 +195,6 @@ class Ladder:
             self.session, self._rung, self._session_id = session, rung, session_id
             self._fanout.hold.use_model(f"remote|{rung.name}", keep=False)  # its loop, not on disk
             self._fanout.switch_to(session)
-            self._problems.clear()
             self._backoff.reset()
             self._set("remote", rung.name, why)
             return
@@ -227,6 +227,7 @@ class Ladder:
             self._fanout.hold.use_model(hold_key(self.local.spec))
         self._fanout.switch_to(renderer)  # from its next frame on: the same tracks
         await self._end_session("the local runtime is healthy again")
+        self._problems.clear()  # local serves: the rungs skipped on the way down do not matter now
         self._set("local", "local", "the fallback settings changed" if forced
                   else f"local healthy for {self.settings.recover_after_s:.0f} s")
 

@@ -343,9 +343,10 @@ def effective_values(config: Config) -> dict[str, Any]:
 def notes(config: Config) -> list[str]:
     """Valid settings this version does not act on yet: said plainly rather than ignored."""
     out = []
-    if "cloud" in config.fallback.ladder:
-        out.append("[fallback] ladder: cloud is a preview in this version — it takes over, but taking "
-                   "the avatar back to local is not reliable yet (a restart brings it back)")
+    if "gpu" in config.fallback.ladder:
+        out.append("[fallback] ladder: a GPU session ends after the container's SESSION_IDLE_TIMEOUT (600 s "
+                   "without speech); the kiosk then launches a new one and holds the picture meanwhile (a few "
+                   "seconds): this version does not rotate sessions make-before-break")
     return out
 
 

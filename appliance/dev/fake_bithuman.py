@@ -150,6 +150,7 @@ class FakeCloud:
 
     def _session(self, request: web.Request) -> CloudSession | web.Response:
         """The session the path names, or the refusal to answer."""
+        self.requests.append((request.path, {k.lower(): v for k, v in request.headers.items()}, {}))
         refused = self._authorized(request)
         if refused is not None:
             return refused

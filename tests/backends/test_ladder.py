@@ -1,6 +1,6 @@
-"""The fallback ladder end to end: the local runtime stops serving, bitHuman's cloud (a fake
-of its API, spawning a real remote worker process) takes over through the kiosk's own
-tracks (issue 13). Taking the avatar back is not tested yet: it has a known defect.
+"""The fallback ladder end to end: the local runtime stops serving, a GPU container or bitHuman's
+cloud (fakes of their APIs, spawning a real remote worker process) takes over through the kiosk's
+own tracks (issue 13), and the kiosk takes the avatar back once the local runtime is healthy again.
 
 Real parts: the dev server, the kiosk (`appliance run`), an agent speaking through the real
 `DataStreamAudioOutput`, a hidden viewer of the kiosk's tracks, and a remote worker built on
@@ -22,10 +22,12 @@ from pathlib import Path
 import jwt
 import numpy as np
 import pytest
+from PIL import Image
 
 from appliance.dev.bench import KioskProcess, write_kiosk_config
 from appliance.dev.demo import AgentVoice, Viewer, make_token, read_wav
 from appliance.dev.fake_bithuman import FakeCloud
+from appliance.dev.fake_gpu import FakeGpu
 from appliance.dev.remote_worker import tag_of
 
 KIOSK = "kiosk-ladder"
@@ -69,17 +71,26 @@ def tags(viewer: Viewer, since: float, until: float = float("inf")) -> list[str 
     return [tag_of(f.image) for f in viewer.frames if since <= f.at <= until]
 
 
-def secrets_in_the_room(devserver, cloud: FakeCloud) -> list[str]:  # type: ignore[no-untyped-def]
+async def devserver_wait(done, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting until {what}"
+        await asyncio.sleep(0.1)
+
+
+def secrets_in_the_room(devserver, cloud: FakeCloud, gpu: FakeGpu | None = None) -> list[str]:  # type: ignore[no-untyped-def]
     """Where the account secret or the LiveKit secret shows in the room: attributes, tokens."""
     found = []
     for identity, participant in devserver.rooms[ROOM].participants.items():
         for key, value in participant.info().attributes.items():
             if BH_SECRET in value or devserver.api_secret in value:
                 found.append(f"{identity} attribute {key}")
-    for _, _, body in cloud.requests:
-        claims = jwt.decode(body.get("livekit_token", "x.e30.x"), options={"verify_signature": False})
+    tokens = [body["livekit_token"] for _, _, body in cloud.requests if "livekit_token" in body]
+    tokens += [task.fields["livekit_token"] for task in (gpu.tasks.values() if gpu else [])]
+    for token in tokens:
+        claims = jwt.decode(token, options={"verify_signature": False})
         if BH_SECRET in str(claims) or devserver.api_secret in str(claims):
-            found.append("the worker's token")
+            found.append("a worker's token")
     return found
 
 
@@ -155,13 +166,123 @@ async def test_the_cloud_takes_over_and_the_kiosk_takes_the_avatar_back(
               "(the rest hold frames where the relayed pictures came late)")
         assert during.count("cloud") >= 0.8 * len(during)
 
-        # Taking the avatar back is not covered yet: measured, the ladder switched its state to
-        # local after recover_after_s, ended the session, but the viewer kept seeing the
-        # cloud's frames (issue 13, open)
+        # the local runtime comes back: after recover_after_s of health, at a quiet point, the
+        # kiosk's own frames return on the same track, the cloud session ends, the worker leaves
+        released = time.monotonic()
+        await hang.release()
+        hang = None
+        status = await kiosk.async_wait_for(lambda s: s["backend"]["active"] == "local", 60, "took the avatar back")
+        took_back = time.monotonic()
+        while not (recent := tags(viewer, time.monotonic() - 1.0)) or set(recent) != {None}:
+            assert time.monotonic() - took_back < 10, f"the viewer still sees the cloud's frames: {recent[-10:]}"
+            await asyncio.sleep(0.1)
+        last_cloud = max(f.at for f in viewer.frames if tag_of(f.image) == "cloud")
+        gap_ms = viewer.max_interval_ms(since=took_back - 1.0, until=time.monotonic())
+        print(f"released → backend local after {took_back - released:.1f} s (recover_after_s 6); "
+              f"last cloud frame at the viewer {last_cloud - took_back:+.2f} s from then; longest gap "
+              f"meanwhile {gap_ms:.0f} ms; {status['backend']['reason']}")
+        assert gap_ms < 1000.0, f"the viewer waited {gap_ms:.0f} ms for a frame during the fail-back"
+        assert last_cloud - took_back < 2.0, "cloud frames kept coming after the kiosk took the avatar back"
+        assert [(h["from"], h["to"]) for h in status["backend"]["history"]] == [("local", "cloud"), ("cloud", "local")]
+        session_id = list(cloud.sessions)[-1]
+        assert any(path == f"/v1/runtime-sessions/{session_id}/end" for path, _, _ in cloud.requests), cloud.requests
+        await devserver_wait(lambda: WORKER not in devserver.participants(ROOM), 10, "the worker left the room")
     finally:
         if hang is not None:
             await hang.release()
         await voice.close()
         await viewer.close()
         stopped_with = await asyncio.to_thread(kiosk.stop)
+    assert stopped_with == 0, kiosk.log()[-3000:]
+
+
+async def _served_by(kiosk: KioskProcess, viewer: Viewer, rung: str, since: float) -> float:
+    """Until ``rung`` serves and the viewer sees its band; the first such frame's time."""
+    await kiosk.async_wait_for(lambda s: s["backend"]["active"] == rung, 60, f"the {rung} rung took over")
+    while rung not in tags(viewer, since):
+        assert time.monotonic() - since < 60, f"the viewer never saw the {rung} rung's frames"
+        await asyncio.sleep(0.1)
+    return next(f.at for f in viewer.frames if f.at > since and tag_of(f.image) == rung)
+
+
+async def _local_again(kiosk: KioskProcess, viewer: Viewer) -> float:
+    """Until local serves again and the viewer's last second is untagged; when local did."""
+    await kiosk.async_wait_for(lambda s: s["backend"]["active"] == "local", 60, "took the avatar back")
+    took_back = time.monotonic()
+    while not (recent := tags(viewer, time.monotonic() - 1.0)) or set(recent) != {None}:
+        assert time.monotonic() - took_back < 10, f"the viewer still sees a rung's frames: {recent[-10:]}"
+        await asyncio.sleep(0.1)
+    return took_back
+
+
+async def test_the_gpu_serves_and_when_it_is_not_ready_the_cloud_does(
+        devserver, cloud: FakeCloud, media_host: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gpu = FakeGpu(host=media_host, warmup_s=3600.0)  # first: still warming up
+    await gpu.start()
+    portrait = tmp_path / "portrait.png"
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(portrait)
+    secret = tmp_path / "bithuman.secret"
+    secret.write_text(BH_SECRET)
+    secret.chmod(0o600)
+    config = write_kiosk_config(
+        tmp_path, url=devserver.url, api_key=devserver.api_key, api_secret=devserver.api_secret,
+        room=ROOM, identity=KIOSK,
+        extra=(f'[avatar]\napi_secret_file = "{secret}"\nstall_timeout_s = 1.0\n'
+               f'[fallback]\nladder = ["local", "gpu", "cloud"]\ngpu_api_url = "{gpu.url}"\n'
+               f'gpu_avatar_image = "{portrait}"\ncloud_api_url = "{cloud.url}"\n'
+               'cloud_avatar_id = "A12BCD34"\nunhealthy_after_s = 2.0\nrecover_after_s = 6.0\n'))
+    kiosk = KioskProcess(config, tmp_path / "kiosk.log")
+    kiosk.start()
+    viewer = Viewer(KIOSK)
+    hang: Hang | None = None
+    try:
+        await kiosk.async_wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 10, 60, "went live")
+        await viewer.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM, "viewer",
+                                                       hidden=True))
+        await asyncio.sleep(3.0)  # the hold loop is recorded
+
+        # 1. the GPU container is still warming up: skipped at once, the cloud serves
+        hung_at = time.monotonic()
+        hang = Hang(kiosk)
+        first = await _served_by(kiosk, viewer, "cloud", hung_at)
+        status = await asyncio.to_thread(kiosk.status)
+        gpu_problem = [p for p in status["problems"] if "GPU container is not ready" in p.get("message", "")]
+        print(f"\nGPU not ready → cloud frames at the viewer {first - hung_at:.2f} s after the hang; "
+              f"longest gap {viewer.max_interval_ms(since=hung_at - 0.5, until=first + 1.0):.0f} ms")
+        assert [(m, p) for m, p, _ in gpu.requests] == [("GET", "/ready")] and not gpu.tasks, gpu.requests
+        assert gpu_problem, status["problems"]
+        await hang.release()
+        hang = None
+        await _local_again(kiosk, viewer)
+
+        # 2. the container is ready: the GPU rung serves, under the kiosk's own GPU identity
+        gpu.warmup_s = 0.0
+        hung_at = time.monotonic()
+        hang = Hang(kiosk)
+        first = await _served_by(kiosk, viewer, "gpu", hung_at)
+        gap_ms = viewer.max_interval_ms(since=hung_at - 0.5, until=first + 1.0)
+        print(f"GPU ready → GPU frames at the viewer {first - hung_at:.2f} s after the hang; longest gap {gap_ms:.0f} ms")
+        assert gap_ms < 1000.0, f"the viewer waited {gap_ms:.0f} ms for a frame during the hand-over"
+        [task] = gpu.tasks.values()
+        assert task.fields["model"] == "expression" and task.image == portrait.read_bytes()
+        claims = jwt.decode(task.fields["livekit_token"], options={"verify_signature": False})
+        assert claims["sub"] == f"{KIOSK}-gpu" and claims["video"]["room"] == ROOM
+        worker = devserver.rooms[ROOM].participants[f"{KIOSK}-gpu"].info()
+        assert worker.kind == 4 and dict(worker.attributes) == {"lk.publish_on_behalf": KIOSK}, worker
+        assert secrets_in_the_room(devserver, cloud, gpu) == []
+        await hang.release()
+        hang = None
+        took_back = await _local_again(kiosk, viewer)
+        await devserver_wait(lambda: f"{KIOSK}-gpu" not in devserver.participants(ROOM), 10, "the GPU worker left")
+        status = await asyncio.to_thread(kiosk.status)
+        print(f"taken back from the GPU; longest gap {viewer.max_interval_ms(since=took_back - 1.0):.0f} ms")
+        assert task.status == "cancelled" and ("POST", f"/tasks/{task.id}/stop") in [(m, p) for m, p, _ in gpu.requests]
+        assert [(h["from"], h["to"]) for h in status["backend"]["history"]] == [
+            ("local", "cloud"), ("cloud", "local"), ("local", "gpu"), ("gpu", "local")]
+    finally:
+        if hang is not None:
+            await hang.release()
+        await viewer.close()
+        stopped_with = await asyncio.to_thread(kiosk.stop)
+        await gpu.stop()
     assert stopped_with == 0, kiosk.log()[-3000:]
