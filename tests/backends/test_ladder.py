@@ -286,3 +286,53 @@ async def test_the_gpu_serves_and_when_it_is_not_ready_the_cloud_does(
         stopped_with = await asyncio.to_thread(kiosk.stop)
         await gpu.stop()
     assert stopped_with == 0, kiosk.log()[-3000:]
+
+
+async def test_a_worker_that_dies_mid_reply_ends_the_agents_turn_once(
+        devserver, fake_cloud, media_host: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the agent's turn ends only with a playback_finished: a worker that crashes 1.5 s into a
+    # reply must still produce exactly one, interrupted, where the viewers last heard it
+    secret = tmp_path / "bithuman.secret"
+    secret.write_text(BH_SECRET)
+    secret.chmod(0o600)
+    async with fake_cloud(api_secret=BH_SECRET, host=media_host, worker_args=["--crash-after-s", "1.5"]) as cloud:
+        config = write_kiosk_config(
+            tmp_path, url=devserver.url, api_key=devserver.api_key, api_secret=devserver.api_secret,
+            room=ROOM, identity=KIOSK,
+            extra=(f'[avatar]\napi_secret_file = "{secret}"\nstall_timeout_s = 1.0\n'
+                   f'[fallback]\nladder = ["local", "cloud"]\ncloud_api_url = "{cloud.url}"\n'
+                   'cloud_avatar_id = "A12BCD34"\nunhealthy_after_s = 2.0\nrecover_after_s = 6.0\n'))
+        kiosk = KioskProcess(config, tmp_path / "kiosk.log")
+        kiosk.start()
+        viewer, voice = Viewer(KIOSK), AgentVoice(KIOSK)
+        hang: Hang | None = None
+        try:
+            await kiosk.async_wait_for(lambda s: s["room"]["state"] == "live" and s["fps_10s"] > 10, 60, "went live")
+            await viewer.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM, "viewer",
+                                                           hidden=True))
+            await voice.connect(devserver.url, make_token(devserver.api_key, devserver.api_secret, ROOM, "agent",
+                                                          agent=True))
+            await kiosk.async_wait_for(lambda s: s["agent"] == "agent", 20, "served the agent")
+            await asyncio.sleep(3.0)  # the hold loop is recorded
+            hung_at = time.monotonic()
+            hang = Hang(kiosk)
+            await _served_by(kiosk, viewer, "cloud", hung_at)
+            pcm, rate = read_wav()
+            await voice.say(pcm, rate)
+            await asyncio.wait_for(voice.finished_event.wait(), len(pcm) / rate + 30)
+            await asyncio.sleep(3.0)  # a second playback_finished would have come by now
+            status = await asyncio.to_thread(kiosk.status)
+            print(f"\nworker crashed 1.5 s into the reply: playback_finished {voice.finished}; backend "
+                  f"{status['backend']['active']} ({status['backend']['state']}): {status['backend']['reason']}")
+            assert len(voice.finished) == 1, voice.finished
+            position, interrupted = voice.finished[0]
+            assert interrupted and 0.5 < position < len(pcm) / rate - 1.0, voice.finished
+            history = [(h["from"], h["to"]) for h in status["backend"]["history"]]
+            assert history[:2] == [("local", "cloud"), ("cloud", "local")], history  # lost, then again
+        finally:
+            if hang is not None:
+                await hang.release()
+            await voice.close()
+            await viewer.close()
+            stopped_with = await asyncio.to_thread(kiosk.stop)
+    assert stopped_with == 0, kiosk.log()[-3000:]
