@@ -3,7 +3,7 @@
 
     local ──(no local frame for unhealthy_after_s, or the renderer failed)──► handing over
     handing over ──(a rung's worker published its first frame)──► remote
-    remote ──(local healthy for recover_after_s, no reply playing)──► local
+    remote ──(local healthy for recover_after_s, doubled each time it flaps; no reply playing)──► local
     remote ──(the worker left or died)──► handing over (the next rung, or the same again)
 
 The local renderer keeps restarting behind the scenes (with its own backoff, warm) whatever
@@ -50,6 +50,11 @@ CHECK_S = 0.25
 FIRST_FRAME_TIMEOUT_S = 30.0  # a rung's worker joined and published its first picture
 QUIET_WAIT_S = 60.0  # fail-back waits at most this long for the reply in flight to end
 LOCAL_FRESH_S = 1.0  # a local frame this recent: the local runtime delivers
+# Hysteresis: a local runtime that fails again within this long after taking the avatar back
+# flaps; each time, it must be healthy twice as long before the next take-back (up to
+# RECOVER_MAX_S), so viewers do not watch the avatar ping-pong between renderers
+FLAP_WINDOW_S = 600.0
+RECOVER_MAX_S = 3600.0
 
 
 class Ladder:
@@ -63,16 +68,19 @@ class Ladder:
         self.since = time.monotonic()
         self.reason = ""
         self.history: deque[dict[str, Any]] = deque(maxlen=20)
+        self.switches = 0  # hand-overs and take-backs since the start (history keeps the last 20)
         self.session: RemoteSession | None = None
         self._rung: Rung | None = None
         self._session_id = ""
         self._local_healthy_since: float | None = None
         self._quiet_wait_since: float | None = None
+        self._taken_back_at: float | None = None
         self._retry_at = 0.0
         self._backoff = Backoff(first_s=5.0, max_s=60.0, jitter=0.2)
 
     def _configure(self, config: Config) -> None:
         self.settings, self._config = config.fallback, config
+        self.recover_s = config.fallback.recover_after_s  # grows while the local runtime flaps
         fallback = config.fallback
         self.rungs: list[Rung] = []
         for name in fallback.ladder:  # the operator's order
@@ -154,18 +162,27 @@ class Ladder:
         if self.session.gone.is_set():
             await self._lost(room, "the remote worker left the room")
         elif (self._local_healthy_since is not None
-              and now - self._local_healthy_since >= self.settings.recover_after_s):
+              and now - self._local_healthy_since >= self.recover_s):
             await self._take_back(room)
 
     def _set(self, state: str, active: str, reason: str) -> None:
         if active != self.active:
             self.history.append({"at": time.time(), "from": self.active, "to": active, "reason": reason})
+            self.switches += 1
         self.state, self.active, self.reason, self.since = state, active, reason, time.monotonic()
         log.info("backend: %s (%s): %s", active, state, reason, extra={"backend": active, "reason": reason})
         self._on_state()
 
     async def _hand_over(self, room: KioskRoom, why: str) -> None:
         log.warning("the local runtime cannot serve (%s): handing the avatar over", why)
+        if self._taken_back_at is not None:
+            served = time.monotonic() - self._taken_back_at
+            if served < FLAP_WINDOW_S:
+                self.recover_s = min(RECOVER_MAX_S, 2 * self.recover_s)
+                log.warning("the local runtime failed again %.0f s after taking the avatar back: the next "
+                            "take-back waits until it has been healthy for %.0f s", served, self.recover_s)
+            else:
+                self.recover_s = self.settings.recover_after_s
         self._set("handing over", self.active, why)
         self._problems.clear()  # the last hand-over's; this one's stay while a lower rung serves
         room.abort_reply(why)  # a reply the local runtime was playing: cut where it was heard
@@ -228,8 +245,9 @@ class Ladder:
         self._fanout.switch_to(renderer)  # from its next frame on: the same tracks
         await self._end_session("the local runtime is healthy again")
         self._problems.clear()  # local serves: the rungs skipped on the way down do not matter now
+        self._taken_back_at = None if forced else time.monotonic()
         self._set("local", "local", "the fallback settings changed" if forced
-                  else f"local healthy for {self.settings.recover_after_s:.0f} s")
+                  else f"local healthy for {self.recover_s:.0f} s")
 
     async def _end_session(self, why: str) -> None:
         session, rung, session_id = self.session, self._rung, self._session_id
@@ -265,5 +283,6 @@ class Ladder:
     def status(self) -> dict[str, Any]:
         return {"active": self.active, "state": self.state, "since_s": round(time.monotonic() - self.since, 1),
                 "reason": self.reason or None, "ladder": list(self.settings.ladder),
+                "recover_after_s": self.recover_s, "switches": self.switches,
                 "session": self.session.status() if self.session else None,
                 "history": list(self.history)}

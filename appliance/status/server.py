@@ -253,6 +253,17 @@ def prometheus_text(status: dict[str, Any]) -> str:
         ("appliance_model_update_problem", "gauge", "1 while the last model update round failed",
          int(bool((status.get("models") or {}).get("problem")))),
     ]
+    backend = status.get("backend") or {}
+    if "switches" in backend:  # a fallback ladder is configured
+        metrics += [
+            ("appliance_backend_remote", "gauge", "1 while a remote rung (gpu, cloud) serves the avatar",
+             int(backend["active"] != "local")),
+            ("appliance_backend_switches_total", "counter", "hand-overs to a rung and take-backs to local",
+             backend["switches"]),
+            ("appliance_backend_recover_after_seconds", "gauge",
+             "local health needed before the next take-back (doubles while the runtime flaps)",
+             backend["recover_after_s"]),
+        ]
     audio = status.get("audio")
     if audio:
         visitor, aec = audio.get("visitor") or {}, audio.get("echo_canceller") or {}

@@ -187,6 +187,21 @@ async def test_the_cloud_takes_over_and_the_kiosk_takes_the_avatar_back(
         session_id = list(cloud.sessions)[-1]
         assert any(path == f"/v1/runtime-sessions/{session_id}/end" for path, _, _ in cloud.requests), cloud.requests
         await devserver_wait(lambda: WORKER not in devserver.participants(ROOM), 10, "the worker left the room")
+
+        # it fails again at once: a flapping runtime must be healthy twice as long next time
+        hung_at = time.monotonic()
+        hang = Hang(kiosk)
+        await _served_by(kiosk, viewer, "cloud", hung_at)
+        await hang.release()
+        hang = None
+        released, first_back = time.monotonic(), took_back
+        took_back = await _local_again(kiosk, viewer)
+        status = await asyncio.to_thread(kiosk.status)
+        print(f"failed again {hung_at - first_back:.0f} s after the take-back: taken back {took_back - released:.1f} s after "
+              f"the release (recover_after_s now {status['backend']['recover_after_s']:.0f}); "
+              f"{status['backend']['switches']} switches")
+        assert status["backend"]["recover_after_s"] == 12.0 and status["backend"]["switches"] == 4, status["backend"]
+        assert took_back - released >= 12.0, "the flapping runtime was trusted as soon as the first time"
     finally:
         if hang is not None:
             await hang.release()
