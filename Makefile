@@ -22,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARCH  ?= amd64
 BOARD ?=
 
-.PHONY: setup run demo test bench config image image-test clean
+.PHONY: setup run demo test bench bench-ladder config image image-test clean
 
 setup: $(VENV)/.installed $(WEB)/node_modules/.installed
 
@@ -56,6 +56,9 @@ test: setup
 
 bench: setup
 	$(PY) -m appliance.dev.bench
+
+bench-ladder: setup
+	$(PY) -m appliance.dev.bench_ladder
 
 config: setup
 	$(VENV)/bin/appliance config defaults > config/appliance.toml

@@ -12,9 +12,6 @@ SIGSTOPped, and so is every child that replaces it, until the test lets go.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +22,7 @@ import pytest
 from PIL import Image
 
 from appliance.dev.bench import KioskProcess, write_kiosk_config
+from appliance.dev.bench_ladder import Hang
 from appliance.dev.demo import AgentVoice, Viewer, make_token, read_wav
 from appliance.dev.fake_bithuman import FakeCloud
 from appliance.dev.fake_gpu import FakeGpu
@@ -40,31 +38,6 @@ WORKER = "bithuman-avatar-agent"
 async def cloud(fake_cloud, media_host: str) -> AsyncIterator[FakeCloud]:  # type: ignore[no-untyped-def]
     async with fake_cloud(api_secret=BH_SECRET, host=media_host) as fake:
         yield fake
-
-
-class Hang:
-    """Keeps the kiosk's live renderer child SIGSTOPped, whichever child that is."""
-
-    def __init__(self, kiosk: KioskProcess) -> None:
-        self.kiosk, self.stopped = kiosk, set[int]()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            pid = (await asyncio.to_thread(self.kiosk.status))["renderer"]["pid"]
-            if isinstance(pid, int) and pid not in self.stopped:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
-                    self.stopped.add(pid)
-            await asyncio.sleep(0.1)
-
-    async def release(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        for pid in self.stopped:  # as the renderer would after its stall timeout
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def tags(viewer: Viewer, since: float, until: float = float("inf")) -> list[str | None]:
