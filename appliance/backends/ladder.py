@@ -183,6 +183,7 @@ class Ladder:
                             "take-back waits until it has been healthy for %.0f s", served, self.recover_s)
             else:
                 self.recover_s = self.settings.recover_after_s
+            self._taken_back_at = None  # once per take-back, not per retry of this hand-over
         self._set("handing over", self.active, why)
         self._problems.clear()  # the last hand-over's; this one's stay while a lower rung serves
         room.abort_reply(why)  # a reply the local runtime was playing: cut where it was heard
