@@ -150,6 +150,7 @@ BROKEN = sorted((ROOT / "tests" / "config" / "configs" / "broken").glob("*.toml"
 EXPECTED = {
     "bad-choice.toml": ":2: [avatar] runtime: got 'bithumann' — did you mean 'bithuman'?",
     "bad-ladder.toml": ":2: [fallback] gpu_api_url: the ladder has gpu but no gpu_api_url",
+    "gpu-portrait-missing.toml": ":4: [fallback] gpu_avatar_image: cannot read /nonexistent/portrait.jpg",
     "bad-url.toml": ":2: [livekit] url: got 'http://livekit.example.com' — use ws://",
     "bad-window.toml": ":4: [models] update_window: got '2am-5am'",
     "bithuman-without-model.toml": ":2: [avatar] model: runtime is bithuman but no model is set",
