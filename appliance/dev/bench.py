@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from appliance.dev.bench_bargein import measure, summary
 from appliance.dev.demo import AgentVoice, Viewer, make_token
 from appliance.status.server import query_status
 
-__all__ = ["KioskProcess", "write_kiosk_config", "main"]
+__all__ = ["KioskProcess", "dev_server_process", "write_kiosk_config", "main"]
 
 
 def write_kiosk_config(
@@ -369,20 +370,26 @@ async def screen_only(seconds: float, driver: str) -> dict[str, float]:
             screen.close()
 
 
-async def _run(seconds: float, host: str, interrupts: int, baseline: bool,
-               display: str = "offscreen") -> dict[str, float]:
-    key, secret, port = "benchkey", os.urandom(16).hex(), 7880
+@contextlib.asynccontextmanager
+async def dev_server_process(host: str, port: int = 7880) -> AsyncIterator[tuple[str, str, str]]:
+    """The dev server as its own process, as a LiveKit server would run: (url, key, secret)."""
+    key, secret = "benchkey", os.urandom(16).hex()
     server = subprocess.Popen([sys.executable, "-m", "appliance.dev.server", "--host", host,
                                "--port", str(port), "--key", key],
                               env={**os.environ, "LIVEKIT_API_SECRET": secret},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await _wait_listening(host, port, 30.0)
-        with tempfile.TemporaryDirectory(prefix="appliance-bench-") as workdir:
-            return await bench(f"ws://{host}:{port}", key, secret, seconds, Path(workdir),
-                               interrupts, baseline, display)
+        yield f"ws://{host}:{port}", key, secret
     finally:
         _stop([server])
+
+
+async def _run(seconds: float, host: str, interrupts: int, baseline: bool,
+               display: str = "offscreen") -> dict[str, float]:
+    async with dev_server_process(host) as (url, key, secret):
+        with tempfile.TemporaryDirectory(prefix="appliance-bench-") as workdir:
+            return await bench(url, key, secret, seconds, Path(workdir), interrupts, baseline, display)
 
 
 async def _wait_listening(host: str, port: int, timeout_s: float) -> None:

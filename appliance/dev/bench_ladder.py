@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.dev.bench import KioskProcess, _cpu, _stop, _wait_listening, write_kiosk_config
+from appliance.dev.bench import KioskProcess, _cpu, dev_server_process, write_kiosk_config
 from appliance.dev.demo import AgentVoice, Viewer, make_token, read_wav
 from appliance.dev.fake_bithuman import FakeCloud
 from appliance.dev.remote_worker import tag_of
@@ -173,17 +172,9 @@ async def bench(url: str, key: str, secret: str, host: str, rounds: int, workdir
 
 
 async def _run(host: str, rounds: int) -> dict[str, float]:
-    key, secret, port = "benchkey", os.urandom(16).hex(), 7880
-    server = subprocess.Popen([sys.executable, "-m", "appliance.dev.server", "--host", host,
-                               "--port", str(port), "--key", key],
-                              env={**os.environ, "LIVEKIT_API_SECRET": secret},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        await _wait_listening(host, port, 30.0)
+    async with dev_server_process(host) as (url, key, secret):
         with tempfile.TemporaryDirectory(prefix="appliance-bench-ladder-") as workdir:
-            return await bench(f"ws://{host}:{port}", key, secret, host, rounds, Path(workdir))
-    finally:
-        _stop([server])
+            return await bench(url, key, secret, host, rounds, Path(workdir))
 
 
 def main(argv: list[str] | None = None) -> int:
